@@ -1,0 +1,147 @@
+"""The protocol: ``GradientTransformation``, ``chain`` and ``apply_updates``.
+
+A gradient transformation is a pair of pure functions::
+
+    state = init(params)
+    updates, state = update(updates, state, params=None, **extra_args)
+
+This is the calling convention of optax, so a kopt transformation can be used
+wherever an optax one is accepted and the other way round.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any, NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+
+Params = Any  # a pytree of arrays; ``None`` leaves are allowed
+Updates = Any  # a pytree with the structure of ``Params``
+OptState = Any  # a pytree of arrays (usually NamedTuples and tuples of them)
+
+
+class TransformInitFn(Protocol):
+    def __call__(self, params: Params) -> OptState: ...
+
+
+class TransformUpdateFn(Protocol):
+    def __call__(
+        self, updates: Updates, state: OptState, params: Params | None = None, **extra_args: Any
+    ) -> tuple[Updates, OptState]: ...
+
+
+class GradientTransformation(NamedTuple):
+    """An ``(init, update)`` pair of pure functions.
+
+    ``init(params) -> state`` builds the state; ``update(updates, state,
+    params=None, **extra_args) -> (updates, state)`` transforms a gradient tree.
+    Extra keyword arguments (for example ``value=loss``) are offered to every
+    transformation; those that do not use them ignore them.
+
+    Example:
+        >>> import jax.numpy as jnp, kopt
+        >>> opt = kopt.Adam(lr=1e-3)
+        >>> params = {"w": jnp.ones(3)}
+        >>> state = opt.init(params)
+        >>> updates, state = opt.update({"w": jnp.ones(3)}, state, params)
+        >>> params = kopt.apply_updates(params, updates)
+    """
+
+    init: TransformInitFn
+    update: TransformUpdateFn
+
+
+class EmptyState(NamedTuple):
+    """The state of a transformation that keeps nothing."""
+
+
+def identity() -> GradientTransformation:
+    """The transformation that returns its updates unchanged and keeps no state."""
+
+    def init(params: Params) -> EmptyState:
+        del params
+        return EmptyState()
+
+    def update(updates, state, params=None, **extra_args):
+        del params, extra_args
+        return updates, state
+
+    return GradientTransformation(init, update)
+
+
+def _accepted_extra_args(update: Callable) -> Callable[[dict], dict]:
+    """Returns a filter keeping the extra keyword arguments ``update`` accepts.
+
+    kopt's own transformations take ``**extra_args``; an optax transformation
+    (or a user's function) may not, and must not be broken by a keyword meant
+    for another member of the chain.
+    """
+    try:
+        signature = inspect.signature(update)
+    except (TypeError, ValueError):  # builtins or C callables: pass nothing extra
+        return lambda extra: {}
+    parameters = signature.parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return lambda extra: extra
+    named = {
+        p.name
+        for p in parameters
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    } - {"updates", "state", "params"}
+    return lambda extra: {k: v for k, v in extra.items() if k in named}
+
+
+def chain(*transforms: GradientTransformation) -> GradientTransformation:
+    """Applies ``transforms`` one after the other.
+
+    The state is a plain tuple holding each member's state, in order. Extra
+    keyword arguments given to ``update`` reach every member that accepts them.
+
+    Example:
+        >>> import kopt
+        >>> opt = kopt.chain(kopt.clip_by_global_norm(1.0), kopt.scale_by_adam(),
+        ...                  kopt.scale_by_learning_rate(1e-3))
+    """
+    for position, transform in enumerate(transforms):
+        if not (callable(getattr(transform, "init", None)) and callable(getattr(transform, "update", None))):
+            raise TypeError(
+                f"chain: argument {position} must be a GradientTransformation "
+                f"(an object with init and update), got {type(transform).__name__}"
+            )
+    extra_filters = tuple(_accepted_extra_args(t.update) for t in transforms)
+
+    def init(params: Params) -> tuple:
+        return tuple(t.init(params) for t in transforms)
+
+    def update(updates, state, params=None, **extra_args):
+        if not isinstance(state, tuple) or len(state) != len(transforms):
+            raise ValueError(
+                f"chain of {len(transforms)} transformations got a state that is not a "
+                f"tuple of {len(transforms)} states: {type(state).__name__}"
+            )
+        new_state = []
+        for transform, keep, member_state in zip(transforms, extra_filters, state, strict=True):
+            updates, member_state = transform.update(updates, member_state, params, **keep(extra_args))
+            new_state.append(member_state)
+        return updates, tuple(new_state)
+
+    return GradientTransformation(init, update)
+
+
+def apply_updates(params: Params, updates: Updates) -> Params:
+    """Returns ``params + updates``, leaf by leaf, each result in its param's dtype.
+
+    The sum is formed in the wider of the two dtypes and rounded once to the
+    param's dtype, so bfloat16 params take float32 updates without a double
+    rounding. ``None`` leaves (in either tree) leave the param as it is.
+    """
+
+    def add(p, u):
+        if p is None or u is None:
+            return p
+        return jnp.asarray(p + u).astype(jnp.result_type(p))
+
+    return jax.tree.map(add, params, updates, is_leaf=lambda x: x is None)

@@ -1,0 +1,313 @@
+"""The seven Keras 2 optimizers, each a chain of kopt transformations.
+
+Signatures and defaults are Keras 2.2.4's, plus ``clipnorm`` / ``clipvalue``
+on every optimizer and ``learning_rate`` as a synonym of ``lr``. Each returns
+an :class:`Optimizer`: the ``GradientTransformation`` of the chain, which also
+remembers its Keras config for :func:`kopt.serialize`.
+
+Every chain is: [clip_by_global_norm(clipnorm)], [clip_by_value(clipvalue)],
+then the optimizer's transformations. For SGD the learning rate comes before
+``trace`` so the velocity holds lr-scaled steps, as in Keras; elsewhere the
+learning rate is the last factor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+from kopt.base import GradientTransformation, chain
+from kopt.clipping import clip_by_global_norm, clip_by_value
+from kopt.schedules import Schedule, inverse_time_decay
+from kopt.transforms import (
+    scale_by_adadelta,
+    scale_by_adagrad,
+    scale_by_adam,
+    scale_by_adamax,
+    scale_by_learning_rate,
+    scale_by_nadam,
+    scale_by_rms,
+    trace,
+)
+from kopt.validation import check_clip_option, check_hyperparam
+
+#: Keras 2.2.4's ``K.epsilon()``, the value ``epsilon=None`` resolves to.
+EPSILON = 1e-7
+
+LearningRate = float | Schedule | Callable[[jax.Array], jax.Array]
+
+
+class Optimizer(GradientTransformation):
+    """A ``GradientTransformation`` made by a Keras-named constructor.
+
+    It is the ``(init, update)`` pair of its chain and nothing else at run
+    time; ``class_name`` and ``config`` (the Keras ``get_config`` dict, with
+    the values given to the constructor) serve :func:`kopt.serialize`.
+    """
+
+    class_name: str
+    config: dict[str, Any]
+
+    def __new__(cls, transform: GradientTransformation, class_name: str, config: dict[str, Any]):
+        self = super().__new__(cls, transform.init, transform.update)
+        self.class_name = class_name
+        self.config = config
+        return self
+
+    def __repr__(self) -> str:
+        arguments = ", ".join(f"{key}={value!r}" for key, value in self.config.items())
+        return f"kopt.{self.class_name}({arguments})"
+
+
+def _resolve_lr(lr: LearningRate | None, learning_rate: LearningRate | None, default: float) -> LearningRate:
+    if lr is not None and learning_rate is not None:
+        raise ValueError("give the learning rate as lr or as learning_rate, not both")
+    value = learning_rate if lr is None else lr
+    return default if value is None else value
+
+
+def _decayed(lr: LearningRate, decay: float) -> Schedule | Callable:
+    """Keras' ``decay`` as a schedule; a schedule given as ``lr`` already decides the decay."""
+    if callable(lr):
+        if check_hyperparam("decay", decay) != 0:
+            raise ValueError("decay must be 0 when lr is a schedule (put the decay in the schedule)")
+        return lr
+    return inverse_time_decay(lr, decay)
+
+
+def _keras_optimizer(
+    class_name: str,
+    config: dict[str, Any],
+    clipnorm: float | None,
+    clipvalue: float | None,
+    *transforms: GradientTransformation,
+) -> Optimizer:
+    """Prepends Keras' gradient clipping to ``transforms`` and labels the chain."""
+    clipnorm = check_clip_option("clipnorm", clipnorm)
+    clipvalue = check_clip_option("clipvalue", clipvalue)
+    clipping = []
+    if clipnorm:  # None or 0 mean off, as in Keras
+        clipping.append(clip_by_global_norm(clipnorm))
+    if clipvalue:
+        clipping.append(clip_by_value(clipvalue))
+    given = {name: value for name, value in (("clipnorm", clipnorm), ("clipvalue", clipvalue)) if value is not None}
+    return Optimizer(chain(*clipping, *transforms), class_name, {**given, **config})
+
+
+def SGD(
+    lr: LearningRate | None = None,
+    momentum: float = 0.0,
+    decay: float = 0.0,
+    nesterov: bool = False,
+    *,
+    clipnorm: float | None = None,
+    clipvalue: float | None = None,
+    learning_rate: LearningRate | None = None,
+) -> Optimizer:
+    """Stochastic gradient descent with momentum (Keras 2).
+
+    ``v = momentum*m - lr_i*g``; ``m <- v``; ``p <- p + v``, or with Nesterov
+    ``p <- p + momentum*v - lr_i*g``; ``lr_i = lr / (1 + decay*i)``.
+    Defaults ``lr=0.01, momentum=0, decay=0, nesterov=False``.
+    Chain: ``scale_by_learning_rate(inverse_time_decay(lr, decay))``,
+    ``trace(momentum, nesterov)``.
+
+    Example:
+        >>> import kopt
+        >>> opt = kopt.SGD(lr=0.01, decay=1e-6, momentum=0.9, nesterov=True)
+    """
+    lr = _resolve_lr(lr, learning_rate, 0.01)
+    config = {"lr": lr, "momentum": momentum, "decay": decay, "nesterov": nesterov}
+    return _keras_optimizer(
+        "SGD", config, clipnorm, clipvalue, scale_by_learning_rate(_decayed(lr, decay)), trace(momentum, nesterov)
+    )
+
+
+def RMSprop(
+    lr: LearningRate | None = None,
+    rho: float = 0.9,
+    epsilon: float | None = None,
+    decay: float = 0.0,
+    *,
+    clipnorm: float | None = None,
+    clipvalue: float | None = None,
+    learning_rate: LearningRate | None = None,
+) -> Optimizer:
+    """RMSprop (Keras 2): ``a <- rho*a + (1-rho)*g**2``; ``p <- p - lr_i*g / (sqrt(a) + epsilon)``.
+
+    Defaults ``lr=0.001, rho=0.9, epsilon=None (1e-7), decay=0``.
+    Chain: ``scale_by_rms(rho, epsilon)``, ``scale_by_learning_rate(...)``.
+
+    Example:
+        >>> import kopt
+        >>> opt = kopt.RMSprop(lr=1e-3, clipnorm=1.0)
+    """
+    lr = _resolve_lr(lr, learning_rate, 0.001)
+    epsilon = EPSILON if epsilon is None else epsilon
+    config = {"lr": lr, "rho": rho, "decay": decay, "epsilon": epsilon}
+    return _keras_optimizer(
+        "RMSprop", config, clipnorm, clipvalue, scale_by_rms(rho, epsilon), scale_by_learning_rate(_decayed(lr, decay))
+    )
+
+
+def Adagrad(
+    lr: LearningRate | None = None,
+    epsilon: float | None = None,
+    decay: float = 0.0,
+    *,
+    clipnorm: float | None = None,
+    clipvalue: float | None = None,
+    learning_rate: LearningRate | None = None,
+) -> Optimizer:
+    """Adagrad (Keras 2): ``a <- a + g**2`` (from zero); ``p <- p - lr_i*g / (sqrt(a) + epsilon)``.
+
+    Defaults ``lr=0.01, epsilon=None (1e-7), decay=0``.
+    Chain: ``scale_by_adagrad(epsilon)``, ``scale_by_learning_rate(...)``.
+
+    Example:
+        >>> import kopt
+        >>> opt = kopt.Adagrad(lr=0.01, clipvalue=0.5)
+    """
+    lr = _resolve_lr(lr, learning_rate, 0.01)
+    epsilon = EPSILON if epsilon is None else epsilon
+    config = {"lr": lr, "decay": decay, "epsilon": epsilon}
+    return _keras_optimizer(
+        "Adagrad", config, clipnorm, clipvalue, scale_by_adagrad(epsilon), scale_by_learning_rate(_decayed(lr, decay))
+    )
+
+
+def Adadelta(
+    lr: LearningRate | None = None,
+    rho: float = 0.95,
+    epsilon: float | None = None,
+    decay: float = 0.0,
+    *,
+    clipnorm: float | None = None,
+    clipvalue: float | None = None,
+    learning_rate: LearningRate | None = None,
+) -> Optimizer:
+    """Adadelta (Keras 2): ``p <- p - lr_i*u`` with ``u`` from :func:`~kopt.scale_by_adadelta`.
+
+    Defaults ``lr=1.0, rho=0.95, epsilon=None (1e-7), decay=0``.
+    Chain: ``scale_by_adadelta(rho, epsilon)``, ``scale_by_learning_rate(...)``.
+
+    Example:
+        >>> import kopt
+        >>> opt = kopt.Adadelta()
+    """
+    lr = _resolve_lr(lr, learning_rate, 1.0)
+    epsilon = EPSILON if epsilon is None else epsilon
+    config = {"lr": lr, "rho": rho, "decay": decay, "epsilon": epsilon}
+    return _keras_optimizer(
+        "Adadelta",
+        config,
+        clipnorm,
+        clipvalue,
+        scale_by_adadelta(rho, epsilon),
+        scale_by_learning_rate(_decayed(lr, decay)),
+    )
+
+
+def Adam(
+    lr: LearningRate | None = None,
+    beta_1: float = 0.9,
+    beta_2: float = 0.999,
+    epsilon: float | None = None,
+    decay: float = 0.0,
+    amsgrad: bool = False,
+    *,
+    clipnorm: float | None = None,
+    clipvalue: float | None = None,
+    learning_rate: LearningRate | None = None,
+) -> Optimizer:
+    """Adam (Keras 2), optionally AMSGrad.
+
+    ``p <- p - lr_i * sqrt(1-beta_2**t)/(1-beta_1**t) * m / (sqrt(v) + epsilon)``
+    (see :func:`~kopt.scale_by_adam`). Defaults ``lr=0.001, beta_1=0.9,
+    beta_2=0.999, epsilon=None (1e-7), decay=0, amsgrad=False``.
+    Chain: ``scale_by_adam(beta_1, beta_2, epsilon, amsgrad)``, ``scale_by_learning_rate(...)``.
+
+    Example:
+        >>> import kopt
+        >>> opt = kopt.Adam(lr=1e-3, clipnorm=1.0)
+    """
+    lr = _resolve_lr(lr, learning_rate, 0.001)
+    epsilon = EPSILON if epsilon is None else epsilon
+    config = {"lr": lr, "beta_1": beta_1, "beta_2": beta_2, "decay": decay, "epsilon": epsilon, "amsgrad": amsgrad}
+    return _keras_optimizer(
+        "Adam",
+        config,
+        clipnorm,
+        clipvalue,
+        scale_by_adam(beta_1, beta_2, epsilon, amsgrad),
+        scale_by_learning_rate(_decayed(lr, decay)),
+    )
+
+
+def Adamax(
+    lr: LearningRate | None = None,
+    beta_1: float = 0.9,
+    beta_2: float = 0.999,
+    epsilon: float | None = None,
+    decay: float = 0.0,
+    *,
+    clipnorm: float | None = None,
+    clipvalue: float | None = None,
+    learning_rate: LearningRate | None = None,
+) -> Optimizer:
+    """Adamax (Keras 2): ``p <- p - lr_i/(1-beta_1**t) * m / (u + epsilon)``, ``u <- max(beta_2*u, |g|)``.
+
+    Defaults ``lr=0.002, beta_1=0.9, beta_2=0.999, epsilon=None (1e-7), decay=0``.
+    Chain: ``scale_by_adamax(beta_1, beta_2, epsilon)``, ``scale_by_learning_rate(...)``.
+
+    Example:
+        >>> import kopt
+        >>> opt = kopt.Adamax(lr=2e-3)
+    """
+    lr = _resolve_lr(lr, learning_rate, 0.002)
+    epsilon = EPSILON if epsilon is None else epsilon
+    config = {"lr": lr, "beta_1": beta_1, "beta_2": beta_2, "decay": decay, "epsilon": epsilon}
+    return _keras_optimizer(
+        "Adamax",
+        config,
+        clipnorm,
+        clipvalue,
+        scale_by_adamax(beta_1, beta_2, epsilon),
+        scale_by_learning_rate(_decayed(lr, decay)),
+    )
+
+
+def Nadam(
+    lr: LearningRate | None = None,
+    beta_1: float = 0.9,
+    beta_2: float = 0.999,
+    epsilon: float | None = None,
+    schedule_decay: float = 0.004,
+    *,
+    clipnorm: float | None = None,
+    clipvalue: float | None = None,
+    learning_rate: LearningRate | None = None,
+) -> Optimizer:
+    """Nadam (Keras 2): Adam with Nesterov momentum and a momentum schedule; no ``decay``.
+
+    ``p <- p - lr * m_bar / (sqrt(v_hat) + epsilon)`` (see :func:`~kopt.scale_by_nadam`).
+    Defaults ``lr=0.002, beta_1=0.9, beta_2=0.999, epsilon=None (1e-7),
+    schedule_decay=0.004``. Chain: ``scale_by_nadam(...)``, ``scale_by_learning_rate(lr)``.
+
+    Example:
+        >>> import kopt
+        >>> opt = kopt.Nadam(schedule_decay=0.004)
+    """
+    lr = _resolve_lr(lr, learning_rate, 0.002)
+    epsilon = EPSILON if epsilon is None else epsilon
+    config = {"lr": lr, "beta_1": beta_1, "beta_2": beta_2, "epsilon": epsilon, "schedule_decay": schedule_decay}
+    return _keras_optimizer(
+        "Nadam",
+        config,
+        clipnorm,
+        clipvalue,
+        scale_by_nadam(beta_1, beta_2, epsilon, schedule_decay),
+        scale_by_learning_rate(lr),
+    )

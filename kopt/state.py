@@ -1,0 +1,165 @@
+"""Reading and changing optimizer states by name.
+
+Every kopt transformation keeps its state in a ``NamedTuple``: named slots
+(``m``, ``v``, ``velocity``, ...), a step ``count`` where it needs one, and a
+``hyperparams`` dict of scalar arrays. A chain's state is a tuple of those, and
+wrappers keep their inner state under ``inner_state``. The functions here find
+what you ask for by name wherever it sits, so nobody has to write
+``state[2].hyperparams["lr"]``:
+
+    >>> import jax.numpy as jnp, kopt
+    >>> opt = kopt.Adam(lr=1e-3)
+    >>> state = opt.init({"w": jnp.zeros(2)})
+    >>> float(kopt.get_hyperparams(state)["lr"])
+    0.001...
+    >>> state = kopt.set_hyperparams(state, lr=1e-4)   # no recompile of a jitted step
+    >>> kopt.get_slot(state, "m")                      # Adam's first moment
+    {'w': Array([0., 0.], dtype=float32)}
+    >>> int(kopt.iterations(state))
+    0
+
+Hyperparameters are arrays of a fixed dtype and shape, so replacing one never
+changes the state's structure: a jitted train step is not traced again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from kopt.base import OptState, Params
+from kopt.tree import hyperparam_dtype
+from kopt.validation import RANGES, as_real, check_hyperparam, is_concrete
+
+_INNER_FIELDS = ("inner_state", "inner_states")
+
+
+def init_hyperparams(values: Mapping[str, float], params: Params) -> dict[str, jax.Array]:
+    """The ``hyperparams`` entry of a state: each value as a scalar in the params' float dtype."""
+    dtype = hyperparam_dtype(params)
+    return {name: jnp.asarray(value, dtype) for name, value in values.items()}
+
+
+def _walk(state: Any, path: str) -> Iterator[tuple[str, Any]]:
+    """Yields ``(path, named_state)`` for every NamedTuple state inside ``state``."""
+    if isinstance(state, tuple) and hasattr(state, "_fields"):
+        yield path, state
+        for field in _INNER_FIELDS:
+            if field in state._fields:
+                yield from _walk(getattr(state, field), f"{path}.{field}")
+    elif isinstance(state, (tuple, list)):
+        for index, member in enumerate(state):
+            yield from _walk(member, f"{path}[{index}]")
+    elif isinstance(state, Mapping):
+        for key, member in state.items():
+            yield from _walk(member, f"{path}[{key!r}]")
+
+
+def _fields_of(state: OptState, kind: str) -> Iterator[tuple[str, str, Any]]:
+    """Yields ``(path, name, value)`` for every hyperparameter or slot in ``state``."""
+    for path, named in _walk(state, "state"):
+        if kind == "hyperparameter":
+            hyperparams = getattr(named, "hyperparams", None)
+            if isinstance(hyperparams, Mapping):
+                for name, value in hyperparams.items():
+                    yield f"{path}.hyperparams", name, value
+        else:
+            for name in named._fields:
+                if name not in ("hyperparams", *_INNER_FIELDS):
+                    yield f"{path}.{name}", name, getattr(named, name)
+
+
+def get_hyperparams(state: OptState) -> dict[str, jax.Array]:
+    """All hyperparameters held in ``state``, by name, as scalar arrays.
+
+    A name held by two transformations of one chain is an error on lookup
+    (``get_hyperparams`` then raises ``ValueError`` naming both places).
+    """
+    result: dict[str, jax.Array] = {}
+    places: dict[str, str] = {}
+    for path, name, value in _fields_of(state, "hyperparameter"):
+        if name in result:
+            raise ValueError(f"hyperparameter {name!r} is ambiguous: it is held at {places[name]} and {path}")
+        result[name], places[name] = value, path
+    return result
+
+
+def set_hyperparams(state: OptState, **values: Any) -> OptState:
+    """Returns ``state`` with the named hyperparameters replaced.
+
+    Each value keeps the dtype and shape of the one it replaces, so a jitted
+    step taking the new state is not recompiled. Concrete values are checked
+    against the same ranges as the constructors (``ValueError`` otherwise);
+    traced values (inside ``jit``) are taken as they are. The change takes
+    effect on the next ``update``.
+
+    Example:
+        >>> state = kopt.set_hyperparams(state, lr=1e-4, decay=1e-6)  # doctest: +SKIP
+    """
+    known = get_hyperparams(state)
+    for name, value in values.items():
+        if name not in known:
+            raise ValueError(f"no hyperparameter named {name!r} in this state; available: {sorted(known)}")
+        if is_concrete(value):
+            if name in RANGES:
+                check_hyperparam(name, value)
+            else:
+                as_real(name, value)
+        if jnp.shape(value) != jnp.shape(known[name]):
+            raise ValueError(
+                f"{name} must have shape {jnp.shape(known[name])}, got an array of shape {jnp.shape(value)}"
+            )
+
+    def replace(node: Any) -> Any:
+        if isinstance(node, tuple) and hasattr(node, "_fields"):
+            changes = {f: replace(getattr(node, f)) for f in _INNER_FIELDS if f in node._fields}
+            hyperparams = getattr(node, "hyperparams", None)
+            if isinstance(hyperparams, Mapping):
+                new = dict(hyperparams)
+                for name in new.keys() & values.keys():
+                    new[name] = jnp.asarray(values[name], dtype=jnp.result_type(new[name]))
+                changes["hyperparams"] = new
+            return node._replace(**changes)
+        if isinstance(node, (tuple, list)):
+            return type(node)(replace(member) for member in node)
+        if isinstance(node, Mapping):
+            return type(node)({key: replace(member) for key, member in node.items()})
+        return node
+
+    return replace(state)
+
+
+def get_slot(state: OptState, name: str) -> Any:
+    """The slot called ``name`` (a pytree shaped like the params, or a scalar).
+
+    Slot names follow the specification: ``velocity`` (SGD), ``accumulator``
+    (RMSprop, Adagrad, Adadelta), ``delta_accumulator`` (Adadelta), ``m``,
+    ``v``, ``vhat`` (Adam; ``vhat`` is ``None`` without AMSGrad), ``u``
+    (Adamax), ``m_schedule`` (Nadam), ``count`` (step counters).
+    """
+    found = [(path, value) for path, field, value in _fields_of(state, "slot") if field == name]
+    if not found:
+        raise ValueError(f"no slot named {name!r} in this state; available: {slot_names(state)}")
+    if len(found) > 1:
+        raise ValueError(f"slot {name!r} is ambiguous: it is held at {', '.join(p for p, _ in found)}")
+    return found[0][1]
+
+
+def slot_names(state: OptState) -> list[str]:
+    """The names :func:`get_slot` accepts for ``state``, in the order they are held."""
+    return [name for _, name, _ in _fields_of(state, "slot")]
+
+
+def iterations(state: OptState) -> jax.Array:
+    """The number of steps taken (Keras' ``iterations``).
+
+    Every counting transformation of a chain advances its ``count`` once per
+    ``update``, so they agree; this returns the first one.
+    """
+    for _, name, value in _fields_of(state, "slot"):
+        if name == "count":
+            return value
+    raise ValueError("this state holds no step counter ('count')")

@@ -1,0 +1,434 @@
+"""The scaling transformations the Keras 2 optimizers are built from.
+
+Each transformation is one concept: its update rule for one array is a small
+module-level function (``_adam_array``, ...), lifted to pytrees by
+:func:`kopt.tree.map_arrays`; the scalars shared by all leaves (bias
+corrections, schedules) are computed once per step. All numeric
+hyperparameters are arrays in the state (see :mod:`kopt.state`); structural
+options (``nesterov``, ``amsgrad``) are Python values.
+
+Symbols: ``g`` a gradient (or incoming update) leaf, ``i`` the number of steps
+taken before this one, ``t = i + 1``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from kopt.base import GradientTransformation, Updates
+from kopt.schedules import Schedule, constant_schedule
+from kopt.state import init_hyperparams
+from kopt.tree import hyperparam_dtype, map_arrays, zeros_slots
+from kopt.validation import check_bool, check_hyperparam
+
+HyperParams = dict[str, jax.Array]
+
+
+def _zero_count() -> jax.Array:
+    return jnp.zeros((), jnp.int32)
+
+
+def _increment(count: jax.Array) -> jax.Array:
+    # Saturate instead of wrapping to a negative step after 2**31 - 1 steps.
+    return jnp.where(count < jnp.iinfo(jnp.int32).max, count + 1, count)
+
+
+def _step_number(count: jax.Array, dtype) -> jax.Array:
+    """``t = float(i) + 1`` in the hyperparameters' dtype, as Keras forms it."""
+    return count.astype(dtype) + 1
+
+
+def _checked(**values: float) -> dict[str, float]:
+    return {name: check_hyperparam(name, value) for name, value in values.items()}
+
+
+# --------------------------------------------------------------------------- learning rate
+
+
+class ScaleByLearningRateState(NamedTuple):
+    count: jax.Array
+    hyperparams: HyperParams
+
+
+def scale_by_learning_rate(lr: float | Schedule | Callable[[jax.Array], jax.Array]) -> GradientTransformation:
+    """``g <- -lr_i * g``: the learning rate, with the sign of a descent step.
+
+    ``lr`` is a number (constant), a :class:`~kopt.Schedule` such as
+    :func:`~kopt.inverse_time_decay` (its numbers live in the state, so
+    ``set_hyperparams(state, lr=...)`` changes them), or any function
+    ``step -> lr`` (whose numbers are then fixed at trace time). ``i`` is the
+    number of steps taken before this one.
+
+    Example:
+        >>> import jax.numpy as jnp, kopt
+        >>> sgd = kopt.chain(kopt.scale_by_learning_rate(kopt.inverse_time_decay(0.1, 1e-3)))
+    """
+    if isinstance(lr, Schedule):
+        schedule_fn, values = lr.fn, dict(lr.hyperparams)
+    elif callable(lr):
+        schedule_fn, values = (lambda step: lr(step)), {}
+    else:
+        constant = constant_schedule(lr)
+        schedule_fn, values = constant.fn, dict(constant.hyperparams)
+
+    def init(params):
+        return ScaleByLearningRateState(_zero_count(), init_hyperparams(values, params))
+
+    def update(updates, state, params=None, **extra_args):
+        del params, extra_args
+        step_size = -schedule_fn(state.count, **state.hyperparams)
+        (updates,) = map_arrays(lambda g: (step_size * g,), updates)
+        return updates, ScaleByLearningRateState(_increment(state.count), state.hyperparams)
+
+    return GradientTransformation(init, update)
+
+
+# --------------------------------------------------------------------------- momentum
+
+
+class TraceState(NamedTuple):
+    velocity: Updates
+    hyperparams: HyperParams
+
+
+def _trace_array(u, velocity, momentum, nesterov):
+    velocity = momentum * velocity + u
+    return (momentum * velocity + u if nesterov else velocity), velocity
+
+
+def trace(momentum: float = 0.0, nesterov: bool = False) -> GradientTransformation:
+    """Momentum on incoming updates ``u`` (Keras 2 SGD, when placed after the learning rate).
+
+    ``velocity <- momentum * velocity + u``; the output is ``velocity``, or with
+    ``nesterov=True`` the look-ahead ``momentum * velocity + u`` (new velocity).
+    Chained after :func:`scale_by_learning_rate`, the velocity holds
+    lr-scaled steps exactly as Keras' SGD does, so a decaying ``lr`` is not
+    applied to old velocity again. Default ``momentum=0``.
+
+    Example:
+        >>> import kopt
+        >>> sgd = kopt.chain(kopt.scale_by_learning_rate(0.01), kopt.trace(0.9, nesterov=True))
+    """
+    values = _checked(momentum=momentum)
+    nesterov = check_bool("nesterov", nesterov)
+
+    def init(params):
+        return TraceState(zeros_slots(params), init_hyperparams(values, params))
+
+    def update(updates, state, params=None, **extra_args):
+        del params, extra_args
+        momentum = state.hyperparams["momentum"]
+        updates, velocity = map_arrays(lambda u, vel: _trace_array(u, vel, momentum, nesterov), updates, state.velocity)
+        return updates, TraceState(velocity, state.hyperparams)
+
+    return GradientTransformation(init, update)
+
+
+# --------------------------------------------------------------------------- RMSprop, Adagrad
+
+
+class ScaleByRmsState(NamedTuple):
+    accumulator: Updates
+    hyperparams: HyperParams
+
+
+def _rms_array(g, accumulator, rho, epsilon):
+    accumulator = rho * accumulator + (1 - rho) * jnp.square(g)
+    return g / (jnp.sqrt(accumulator) + epsilon), accumulator
+
+
+def scale_by_rms(rho: float = 0.9, epsilon: float = 1e-7) -> GradientTransformation:
+    """RMSprop's scaling (Keras 2): ``a <- rho*a + (1-rho)*g**2``; ``g <- g / (sqrt(a) + epsilon)``.
+
+    ``a`` starts at zero; the new ``a`` (including this gradient) is used, and
+    ``epsilon`` is added outside the square root. Defaults ``rho=0.9``,
+    ``epsilon=1e-7``.
+
+    Example:
+        >>> import kopt
+        >>> rmsprop = kopt.chain(kopt.scale_by_rms(0.9), kopt.scale_by_learning_rate(1e-3))
+    """
+    values = _checked(rho=rho, epsilon=epsilon)
+
+    def init(params):
+        return ScaleByRmsState(zeros_slots(params), init_hyperparams(values, params))
+
+    def update(updates, state, params=None, **extra_args):
+        del params, extra_args
+        rho, epsilon = state.hyperparams["rho"], state.hyperparams["epsilon"]
+        updates, accumulator = map_arrays(lambda g, a: _rms_array(g, a, rho, epsilon), updates, state.accumulator)
+        return updates, ScaleByRmsState(accumulator, state.hyperparams)
+
+    return GradientTransformation(init, update)
+
+
+class ScaleByAdagradState(NamedTuple):
+    accumulator: Updates
+    hyperparams: HyperParams
+
+
+def _adagrad_array(g, accumulator, epsilon):
+    accumulator = accumulator + jnp.square(g)
+    return g / (jnp.sqrt(accumulator) + epsilon), accumulator
+
+
+def scale_by_adagrad(epsilon: float = 1e-7) -> GradientTransformation:
+    """Adagrad's scaling (Keras 2): ``a <- a + g**2``; ``g <- g / (sqrt(a) + epsilon)``.
+
+    ``a`` starts at exactly zero (no 0.1 initial accumulator as in optax/TF).
+    Default ``epsilon=1e-7``.
+
+    Example:
+        >>> import kopt
+        >>> adagrad = kopt.chain(kopt.scale_by_adagrad(), kopt.scale_by_learning_rate(0.01))
+    """
+    values = _checked(epsilon=epsilon)
+
+    def init(params):
+        return ScaleByAdagradState(zeros_slots(params), init_hyperparams(values, params))
+
+    def update(updates, state, params=None, **extra_args):
+        del params, extra_args
+        epsilon = state.hyperparams["epsilon"]
+        updates, accumulator = map_arrays(lambda g, a: _adagrad_array(g, a, epsilon), updates, state.accumulator)
+        return updates, ScaleByAdagradState(accumulator, state.hyperparams)
+
+    return GradientTransformation(init, update)
+
+
+# --------------------------------------------------------------------------- Adadelta
+
+
+class ScaleByAdadeltaState(NamedTuple):
+    accumulator: Updates
+    delta_accumulator: Updates
+    hyperparams: HyperParams
+
+
+def _adadelta_array(g, accumulator, delta_accumulator, rho, epsilon):
+    accumulator = rho * accumulator + (1 - rho) * jnp.square(g)
+    step = g * jnp.sqrt(delta_accumulator + epsilon) / jnp.sqrt(accumulator + epsilon)
+    delta_accumulator = rho * delta_accumulator + (1 - rho) * jnp.square(step)
+    return step, accumulator, delta_accumulator
+
+
+def scale_by_adadelta(rho: float = 0.95, epsilon: float = 1e-7) -> GradientTransformation:
+    """Adadelta's scaling (Keras 2), without the learning rate.
+
+    ``a <- rho*a + (1-rho)*g**2``; ``u = g * sqrt(d + epsilon) / sqrt(a + epsilon)``
+    (new ``a``, old ``d``); ``d <- rho*d + (1-rho)*u**2``; output ``u``.
+    ``epsilon`` is inside both roots; ``d`` holds steps without the learning
+    rate. Defaults ``rho=0.95``, ``epsilon=1e-7``.
+
+    Example:
+        >>> import kopt
+        >>> adadelta = kopt.chain(kopt.scale_by_adadelta(), kopt.scale_by_learning_rate(1.0))
+    """
+    values = _checked(rho=rho, epsilon=epsilon)
+
+    def init(params):
+        return ScaleByAdadeltaState(zeros_slots(params), zeros_slots(params), init_hyperparams(values, params))
+
+    def update(updates, state, params=None, **extra_args):
+        del params, extra_args
+        rho, epsilon = state.hyperparams["rho"], state.hyperparams["epsilon"]
+        updates, accumulator, delta_accumulator = map_arrays(
+            lambda g, a, d: _adadelta_array(g, a, d, rho, epsilon),
+            updates,
+            state.accumulator,
+            state.delta_accumulator,
+        )
+        return updates, ScaleByAdadeltaState(accumulator, delta_accumulator, state.hyperparams)
+
+    return GradientTransformation(init, update)
+
+
+# --------------------------------------------------------------------------- Adam, Adamax
+
+
+class ScaleByAdamState(NamedTuple):
+    count: jax.Array
+    m: Updates
+    v: Updates
+    vhat: Updates | None
+    hyperparams: HyperParams
+
+
+def _adam_array(g, m, v, vhat, beta_1, beta_2, epsilon, bias_correction):
+    m = beta_1 * m + (1 - beta_1) * g
+    v = beta_2 * v + (1 - beta_2) * jnp.square(g)
+    if vhat is not None:
+        vhat = jnp.maximum(vhat, v)
+    denominator = jnp.sqrt(v if vhat is None else vhat) + epsilon
+    return bias_correction * m / denominator, m, v, vhat
+
+
+def scale_by_adam(
+    beta_1: float = 0.9, beta_2: float = 0.999, epsilon: float = 1e-7, amsgrad: bool = False
+) -> GradientTransformation:
+    """Adam's scaling (Keras 2), bias correction folded into the step size.
+
+    ``m <- beta_1*m + (1-beta_1)*g``; ``v <- beta_2*v + (1-beta_2)*g**2``;
+    output ``c_t * m / (sqrt(v) + epsilon)`` with
+    ``c_t = sqrt(1 - beta_2**t) / (1 - beta_1**t)``. ``m`` and ``v`` are stored
+    uncorrected and ``epsilon`` meets the uncorrected ``sqrt(v)``, so this is
+    *not* optax's ``scale_by_adam`` with the same ``epsilon``. With
+    ``amsgrad=True``, ``vhat <- max(vhat, v)`` replaces ``v`` in the
+    denominator (``v`` keeps its EMA). Defaults ``0.9, 0.999, 1e-7, False``.
+
+    Example:
+        >>> import kopt
+        >>> adam = kopt.chain(kopt.scale_by_adam(amsgrad=True), kopt.scale_by_learning_rate(1e-3))
+    """
+    values = _checked(beta_1=beta_1, beta_2=beta_2, epsilon=epsilon)
+    amsgrad = check_bool("amsgrad", amsgrad)
+
+    def init(params):
+        vhat = zeros_slots(params) if amsgrad else None
+        return ScaleByAdamState(
+            _zero_count(), zeros_slots(params), zeros_slots(params), vhat, init_hyperparams(values, params)
+        )
+
+    def update(updates, state, params=None, **extra_args):
+        del params, extra_args
+        hp = state.hyperparams
+        beta_1, beta_2, epsilon = hp["beta_1"], hp["beta_2"], hp["epsilon"]
+        t = _step_number(state.count, beta_1.dtype)
+        bias_correction = jnp.sqrt(1 - beta_2**t) / (1 - beta_1**t)
+        updates, m, v, vhat = map_arrays(
+            lambda g, m, v, vhat: _adam_array(g, m, v, vhat, beta_1, beta_2, epsilon, bias_correction),
+            updates,
+            state.m,
+            state.v,
+            state.vhat,
+        )
+        return updates, ScaleByAdamState(_increment(state.count), m, v, vhat, hp)
+
+    return GradientTransformation(init, update)
+
+
+class ScaleByAdamaxState(NamedTuple):
+    count: jax.Array
+    m: Updates
+    u: Updates
+    hyperparams: HyperParams
+
+
+def _adamax_array(g, m, u, beta_1, beta_2, epsilon, bias_correction):
+    m = beta_1 * m + (1 - beta_1) * g
+    u = jnp.maximum(beta_2 * u, jnp.abs(g))
+    return bias_correction * m / (u + epsilon), m, u
+
+
+def scale_by_adamax(beta_1: float = 0.9, beta_2: float = 0.999, epsilon: float = 1e-7) -> GradientTransformation:
+    """Adamax's scaling (Keras 2): Adam with an infinity norm.
+
+    ``m <- beta_1*m + (1-beta_1)*g``; ``u <- max(beta_2*u, |g|)``; output
+    ``c_t * m / (u + epsilon)`` with ``c_t = 1 / (1 - beta_1**t)``. ``epsilon``
+    is added to ``u`` and ``beta_2`` enters no correction. Defaults
+    ``0.9, 0.999, 1e-7``.
+
+    Example:
+        >>> import kopt
+        >>> adamax = kopt.chain(kopt.scale_by_adamax(), kopt.scale_by_learning_rate(2e-3))
+    """
+    values = _checked(beta_1=beta_1, beta_2=beta_2, epsilon=epsilon)
+
+    def init(params):
+        return ScaleByAdamaxState(
+            _zero_count(), zeros_slots(params), zeros_slots(params), init_hyperparams(values, params)
+        )
+
+    def update(updates, state, params=None, **extra_args):
+        del params, extra_args
+        hp = state.hyperparams
+        beta_1, beta_2, epsilon = hp["beta_1"], hp["beta_2"], hp["epsilon"]
+        bias_correction = 1 / (1 - beta_1 ** _step_number(state.count, beta_1.dtype))
+        updates, m, u = map_arrays(
+            lambda g, m, u: _adamax_array(g, m, u, beta_1, beta_2, epsilon, bias_correction),
+            updates,
+            state.m,
+            state.u,
+        )
+        return updates, ScaleByAdamaxState(_increment(state.count), m, u, hp)
+
+    return GradientTransformation(init, update)
+
+
+# --------------------------------------------------------------------------- Nadam
+
+
+class ScaleByNadamState(NamedTuple):
+    count: jax.Array
+    m: Updates
+    v: Updates
+    m_schedule: jax.Array
+    hyperparams: HyperParams
+
+
+class _NadamScalars(NamedTuple):
+    mu_t: jax.Array
+    mu_next: jax.Array
+    m_schedule_new: jax.Array
+    m_schedule_next: jax.Array
+    v_correction: jax.Array
+
+
+def _nadam_array(g, m, v, beta_1, beta_2, epsilon, s: _NadamScalars):
+    g_hat = g / (1 - s.m_schedule_new)
+    m = beta_1 * m + (1 - beta_1) * g
+    m_hat = m / (1 - s.m_schedule_next)
+    v = beta_2 * v + (1 - beta_2) * jnp.square(g)
+    v_hat = v / s.v_correction
+    m_bar = (1 - s.mu_t) * g_hat + s.mu_next * m_hat
+    return m_bar / (jnp.sqrt(v_hat) + epsilon), m, v
+
+
+def scale_by_nadam(
+    beta_1: float = 0.9, beta_2: float = 0.999, epsilon: float = 1e-7, schedule_decay: float = 0.004
+) -> GradientTransformation:
+    """Nadam's scaling (Keras 2), with its momentum schedule.
+
+    ``mu_t = beta_1 * (1 - 0.5 * 0.96**(t * schedule_decay))``, ``M`` the running
+    product ``mu_1 ... mu_t`` (state ``m_schedule``, starts at 1)::
+
+        g_hat = g / (1 - M*mu_t)
+        m <- beta_1*m + (1-beta_1)*g;     m_hat = m / (1 - M*mu_t*mu_{t+1})
+        v <- beta_2*v + (1-beta_2)*g**2;  v_hat = v / (1 - beta_2**t)
+        output ((1-mu_t)*g_hat + mu_{t+1}*m_hat) / (sqrt(v_hat) + epsilon)
+
+    ``epsilon`` meets the bias-corrected ``v`` here (unlike Adam). Defaults
+    ``0.9, 0.999, 1e-7, 0.004``.
+
+    Example:
+        >>> import kopt
+        >>> nadam = kopt.chain(kopt.scale_by_nadam(), kopt.scale_by_learning_rate(2e-3))
+    """
+    values = _checked(beta_1=beta_1, beta_2=beta_2, epsilon=epsilon, schedule_decay=schedule_decay)
+
+    def init(params):
+        m_schedule = jnp.ones((), hyperparam_dtype(params))
+        return ScaleByNadamState(
+            _zero_count(), zeros_slots(params), zeros_slots(params), m_schedule, init_hyperparams(values, params)
+        )
+
+    def update(updates, state, params=None, **extra_args):
+        del params, extra_args
+        hp = state.hyperparams
+        beta_1, beta_2, epsilon = hp["beta_1"], hp["beta_2"], hp["epsilon"]
+        t = _step_number(state.count, beta_1.dtype)
+        base = jnp.asarray(0.96, beta_1.dtype)
+        mu_t = beta_1 * (1 - 0.5 * base ** (t * hp["schedule_decay"]))
+        mu_next = beta_1 * (1 - 0.5 * base ** ((t + 1) * hp["schedule_decay"]))
+        m_schedule_new = state.m_schedule * mu_t
+        scalars = _NadamScalars(mu_t, mu_next, m_schedule_new, m_schedule_new * mu_next, 1 - beta_2**t)
+        updates, m, v = map_arrays(
+            lambda g, m, v: _nadam_array(g, m, v, beta_1, beta_2, epsilon, scalars), updates, state.m, state.v
+        )
+        return updates, ScaleByNadamState(_increment(state.count), m, v, m_schedule_new, hp)
+
+    return GradientTransformation(init, update)

@@ -1,0 +1,100 @@
+"""Lifting per-array math to pytrees.
+
+Every transformation in kopt writes its update rule once, for one array, and
+hands it to :func:`map_arrays`; slots are created by :func:`zeros_slots` and
+reductions over the whole tree go through :func:`sum_of_squares`. These three
+functions are the only places that walk a parameter tree, so a different
+execution strategy (for example packing many small leaves into one buffer)
+changes them and no transformation.
+
+``None`` leaves (as Equinox's ``filter`` produces) are carried through
+untouched: they hold no slot and ``map_arrays`` never calls the math on them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from kopt.base import Params, Updates
+
+
+def slot_dtype(dtype: Any) -> jnp.dtype:
+    """The dtype of a slot (and of the math) for a leaf of ``dtype``: never below float32.
+
+    float32 params keep float32 state (Keras' floatx), float64 params float64;
+    bfloat16/float16 params get float32 state, since e.g. ``beta_2 = 0.999``
+    rounds to 1.0 in bfloat16 and Adam would stop moving.
+    """
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def hyperparam_dtype(params: Params) -> jnp.dtype:
+    """The dtype of the scalar hyperparameters for ``params``: their widest slot dtype."""
+    dtype = jnp.dtype(jnp.float32)
+    for leaf in jax.tree.leaves(params):
+        dtype = jnp.promote_types(dtype, slot_dtype(jnp.result_type(leaf)))
+    return dtype
+
+
+def zeros_slots(params: Params) -> Updates:
+    """A zero-filled slot for every array of ``params`` (``None`` stays ``None``).
+
+    ``zeros_like`` keeps each parameter's sharding, so slots live where their
+    parameters do.
+    """
+    return jax.tree.map(lambda p: jnp.zeros_like(p, dtype=slot_dtype(jnp.result_type(p))), params)
+
+
+def _structure_error(what: str, tree: Any, expected: Any) -> ValueError:
+    return ValueError(
+        f"{what} has structure {jax.tree.structure(tree)}, but the optimizer state "
+        f"was built for {expected}; pass updates with the structure of the params given to init"
+    )
+
+
+def map_arrays(fn: Callable[..., tuple], updates: Updates, *slots: Updates | None) -> tuple:
+    """Applies per-array math ``fn`` to every leaf of ``updates`` and its slots.
+
+    ``fn(g, *slot_arrays) -> (new_g, *new_slot_arrays)`` is called once per
+    array. A slot given as ``None`` (an unused slot, such as Adam's ``vhat``
+    without AMSGrad) is passed to ``fn`` as ``None`` and comes back as ``None``.
+    ``g`` arrives in its slot dtype (at least float32). Each new slot is cast
+    back to its old dtype, so the state's dtypes never change between steps. Returns ``(new_updates, *new_slots)``.
+    """
+    leaves, treedef = jax.tree.flatten(updates)
+    per_slot = []
+    for slot in slots:
+        if slot is None:
+            per_slot.append([None] * len(leaves))
+            continue
+        slot_treedef = jax.tree.structure(slot)
+        if slot_treedef != treedef:
+            raise _structure_error("updates", updates, slot_treedef)
+        per_slot.append(slot_treedef.flatten_up_to(slot))
+
+    # The math runs in the slot dtype (>= float32) even for bfloat16 gradients.
+    outputs = [
+        fn(jnp.asarray(g, slot_dtype(jnp.result_type(g))), *arrays)
+        for g, *arrays in zip(leaves, *per_slot, strict=True)
+    ]
+    new_updates = treedef.unflatten([out[0] for out in outputs])
+    new_slots = []
+    for index, (slot, old) in enumerate(zip(slots, per_slot, strict=True), start=1):
+        if slot is None:
+            new_slots.append(None)
+            continue
+        new = [out[index].astype(o.dtype) for out, o in zip(outputs, old, strict=True)]
+        new_slots.append(treedef.unflatten(new))
+    return (new_updates, *new_slots)
+
+
+def sum_of_squares(updates: Updates, dtype: Any) -> jax.Array:
+    """``sum over leaves of sum(g**2)``, accumulated in ``dtype`` leaf after leaf."""
+    total = jnp.zeros((), dtype)
+    for leaf in jax.tree.leaves(updates):
+        total = total + jnp.sum(jnp.square(leaf.astype(dtype)))
+    return total

@@ -1,0 +1,98 @@
+"""Argument checks shared by every constructor and by ``set_hyperparams``.
+
+Each hyperparameter name has one allowed range, kept in :data:`RANGES`; a value
+outside it is a ``ValueError`` naming the argument, the range and the value.
+Nothing is clamped.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+
+class Range(NamedTuple):
+    """An interval of allowed values; ``str`` gives it as the error messages show it."""
+
+    low: float
+    high: float = math.inf
+    low_inclusive: bool = True
+    high_inclusive: bool = True
+
+    def __str__(self) -> str:
+        if self.high == math.inf:
+            return f"{'>=' if self.low_inclusive else '>'} {self.low:g}"
+        left, right = "[" if self.low_inclusive else "(", "]" if self.high_inclusive else ")"
+        return f"in {left}{self.low:g}, {self.high:g}{right}"
+
+    def __contains__(self, value: float) -> bool:
+        above = self.low <= value if self.low_inclusive else self.low < value
+        below = value <= self.high if self.high_inclusive else value < self.high
+        return above and below
+
+
+NON_NEGATIVE = Range(0.0)
+POSITIVE = Range(0.0, low_inclusive=False)
+UNIT_INTERVAL = Range(0.0, 1.0, high_inclusive=False)
+
+#: The allowed range of every numeric hyperparameter kopt knows, by name.
+RANGES: dict[str, Range] = {
+    "lr": NON_NEGATIVE,
+    "decay": NON_NEGATIVE,
+    "momentum": NON_NEGATIVE,
+    "rho": UNIT_INTERVAL,
+    "beta_1": UNIT_INTERVAL,
+    "beta_2": UNIT_INTERVAL,
+    "epsilon": NON_NEGATIVE,
+    "schedule_decay": NON_NEGATIVE,
+    "max_norm": POSITIVE,
+    "max_delta": POSITIVE,
+}
+
+
+def is_concrete(value: Any) -> bool:
+    """Whether ``value`` is known now (not a tracer inside ``jit``)."""
+    return not isinstance(value, jax.core.Tracer)
+
+
+def as_real(name: str, value: Any) -> float:
+    """``value`` as a finite Python float, or a ``ValueError`` naming ``name``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.ndarray, jax.Array)):
+        raise ValueError(f"{name} must be a real number, got {value!r} of type {type(value).__name__}")
+    if np.ndim(value) != 0:
+        raise ValueError(f"{name} must be a scalar, got an array of shape {np.shape(value)}")
+    if not np.issubdtype(np.asarray(value).dtype, np.number) or np.iscomplexobj(value):
+        raise ValueError(f"{name} must be a real number, got {value!r}")
+    result = float(value)
+    if not math.isfinite(result):
+        raise ValueError(f"{name} must be finite, got {result}")
+    return result
+
+
+def check_hyperparam(name: str, value: Any) -> float:
+    """Checks ``value`` against the range of hyperparameter ``name``; returns it as a float."""
+    result = as_real(name, value)
+    allowed = RANGES[name]
+    if result not in allowed:
+        raise ValueError(f"{name} must be {allowed}, got {result}")
+    return result
+
+
+def check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def check_clip_option(name: str, value: Any) -> float | None:
+    """A Keras ``clipnorm``/``clipvalue`` option: ``None`` or ``0`` mean off, else ``> 0``."""
+    if value is None:
+        return None
+    result = as_real(name, value)
+    if result < 0:
+        raise ValueError(f"{name} must be None (off), 0 (off) or > 0, got {result}")
+    return result
