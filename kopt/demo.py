@@ -65,7 +65,7 @@ def train(opt: kopt.GradientTransformation, params, x, y, steps: int) -> tuple[f
     jax.block_until_ready(params)
     start = time.perf_counter()
     for _ in range(steps - 1):
-        params, state, loss = step(params, state)
+        params, state, _ = step(params, state)
     jax.block_until_ready(params)
     elapsed = time.perf_counter() - start
     return float(loss_fn(params, x, y)), (steps - 1) / elapsed

@@ -36,8 +36,8 @@ NON_DEFAULT = {
 def trajectory(opt, steps=4):
     params = {"w": jnp.linspace(-1.0, 1.0, 6).reshape(2, 3), "b": jnp.ones(2)}
     state = opt.init(params)
-    for i in range(steps):
-        grads = jax.tree.map(lambda p: jnp.cos(p * (i + 1)) * 3.0, params)
+    for i in range(1, steps + 1):
+        grads = jax.tree.map(lambda p, i=i: jnp.cos(p * i) * 3.0, params)
         updates, state = opt.update(grads, state, params)
         params = kopt.apply_updates(params, updates)
     return params
