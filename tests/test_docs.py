@@ -1,0 +1,31 @@
+"""The README's commands and the demo."""
+
+import re
+from pathlib import Path
+
+import kopt.demo
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def readme_commands() -> list[str]:
+    return re.findall(r"```bash\n(.+?)\n```", (ROOT / "README.md").read_text())
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    demo, tests = readme_commands()[:2]
+    assert "kopt.demo" in demo and "pytest" in tests
+    ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert tests in ci_lines
+
+
+def test_demo_trains_every_optimizer(capsys):
+    kopt.demo.main(["--steps", "30"])
+    out = capsys.readouterr().out
+    for name in ("SGD", "RMSprop", "Adagrad", "Adadelta", "Adam", "Adamax", "Nadam"):
+        assert name in out
+    rows = [line for line in out.splitlines() if "(" in line and line[-1].isdigit()]
+    losses = [float(row.split()[-2]) for row in rows]
+    initial = float(re.search(r"initial loss ([0-9.]+)", out).group(1))
+    assert len(losses) == len(kopt.demo.OPTIMIZERS)
+    assert all(loss < initial for loss in losses)
