@@ -63,7 +63,9 @@ def map_arrays(fn: Callable[..., tuple], updates: Updates, *slots: Updates | Non
     array. A slot given as ``None`` (an unused slot, such as Adam's ``vhat``
     without AMSGrad) is passed to ``fn`` as ``None`` and comes back as ``None``.
     ``g`` arrives in its slot dtype (at least float32). Each new slot is cast
-    back to its old dtype, so the state's dtypes never change between steps. Returns ``(new_updates, *new_slots)``.
+    back to its old dtype, so the state's dtypes never change between steps.
+    Returns ``(new_updates, *new_slots)``; a tree or leaf shape that differs
+    from the slots' is a ``ValueError``.
     """
     leaves, treedef = jax.tree.flatten(updates)
     per_slot = []
@@ -76,6 +78,13 @@ def map_arrays(fn: Callable[..., tuple], updates: Updates, *slots: Updates | Non
             raise _structure_error("updates", updates, slot_treedef)
         per_slot.append(slot_treedef.flatten_up_to(slot))
 
+    for index, (g, *arrays) in enumerate(zip(leaves, *per_slot, strict=True)):
+        if any(array is not None and jnp.shape(g) != jnp.shape(array) for array in arrays):
+            path = jax.tree_util.keystr(jax.tree_util.tree_flatten_with_path(updates)[0][index][0])
+            shape = next(jnp.shape(a) for a in arrays if a is not None)
+            raise ValueError(
+                f"updates{path} has shape {jnp.shape(g)}, but its slot (from the param given to init) has shape {shape}"
+            )
     # The math runs in the slot dtype (>= float32) even for bfloat16 gradients.
     outputs = [
         fn(jnp.asarray(g, slot_dtype(jnp.result_type(g))), *arrays)

@@ -172,3 +172,10 @@ def test_init_is_jittable():
     eager, jitted = opt.init(tree()), jax.jit(opt.init)(tree())
     chex.assert_trees_all_equal(eager, jitted)
     chex.assert_trees_all_equal_shapes_and_dtypes(eager, jitted)
+
+
+def test_leaf_shape_mismatch_is_an_error_naming_the_leaf():
+    opt = kopt.Adam()
+    state = opt.init({"w": jnp.ones((2, 3)), "b": jnp.ones(3)})
+    with pytest.raises(ValueError, match=r"updates\['w'\] has shape \(3,\).*has shape \(2, 3\)"):
+        opt.update({"w": jnp.ones(3), "b": jnp.ones(3)}, state)
