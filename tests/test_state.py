@@ -112,14 +112,18 @@ def test_set_hyperparams_rejects_bad_values(changes, message):
 
 
 def test_slots_by_name():
-    opt = kopt.Adam(amsgrad=True, clipnorm=1.0)
+    opt = kopt.Adam(amsgrad=True, clipnorm=10.0)  # gradient norm 1.22: not clipped
     params = {"w": jnp.ones((2, 2)), "b": jnp.ones(2)}
     state = opt.init(params)
     grads = {"w": jnp.full((2, 2), 0.5), "b": jnp.full(2, -0.5)}
     _, state = opt.update(grads, state, params)
-    # After one step from zero: m = (1 - beta_1) g, v = (1 - beta_2) g**2, vhat = v.
-    chex.assert_trees_all_close(kopt.get_slot(state, "m"), jax.tree.map(lambda g: 0.1 * g, grads), rtol=1e-6)
-    chex.assert_trees_all_close(kopt.get_slot(state, "v"), jax.tree.map(lambda g: 0.001 * g * g, grads), rtol=1e-5)
+    # After one step from zero: m = (1 - beta_1) g, v = (1 - beta_2) g**2, vhat = v, with
+    # 1 - beta formed from the float32 variables, as Keras does.
+    one_minus_b1, one_minus_b2 = 1 - np.float32(0.9), 1 - np.float32(0.999)
+    chex.assert_trees_all_close(kopt.get_slot(state, "m"), jax.tree.map(lambda g: one_minus_b1 * g, grads), rtol=1e-6)
+    chex.assert_trees_all_close(
+        kopt.get_slot(state, "v"), jax.tree.map(lambda g: one_minus_b2 * g * g, grads), rtol=1e-6
+    )
     chex.assert_trees_all_equal(kopt.get_slot(state, "vhat"), kopt.get_slot(state, "v"))
     assert int(kopt.iterations(state)) == 1
     assert kopt.get_slot(kopt.Adam().init(params), "vhat") is None
