@@ -1,22 +1,29 @@
 """Learning-rate schedules whose numbers live in the optimizer state.
 
 A :class:`Schedule` is a function ``fn(step, **hyperparams) -> lr`` together
-with the initial values of its hyperparameters. ``scale_by_learning_rate``
-stores those values as arrays in its state and calls ``fn`` with them every
-step, so ``kopt.set_hyperparams(state, lr=...)`` changes the schedule of a
-jitted train step without recompiling it. Calling a schedule directly,
+with the initial values of its float hyperparameters (``lr`` is always the
+schedule's base value: the constant, the initial or the peak learning rate).
+:func:`~kopt.scale_by_learning_rate` stores them as arrays in its state and
+calls ``fn`` with them every step, so ``kopt.set_hyperparams(state, lr=...)``
+rescales a schedule inside a jitted train step without recompiling it; the
+learning rate of the latest step is reported as ``current_lr``. Step counts,
+boundaries and flags are fixed Python values. Calling a schedule directly,
 ``schedule(step)``, evaluates it at its initial values.
+
+``step`` is the number of updates done before the one being scaled (0 first).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import itertools
+import math
+from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from kopt.validation import check_hyperparam
+from kopt.validation import as_real, check_bool, check_count, check_hyperparam
 
 
 class Schedule(NamedTuple):
@@ -30,33 +37,42 @@ class Schedule(NamedTuple):
         return self.fn(jnp.asarray(step), **values)
 
 
-def _constant(step: jax.Array, lr: jax.Array) -> jax.Array:
-    del step
-    return lr
+def _checked(**values: float) -> dict[str, float]:
+    return {name: check_hyperparam(name, value) for name, value in values.items()}
+
+
+def _boundaries(boundaries: Sequence[int], minimum: int) -> list[int]:
+    result = [check_count("boundaries", b, minimum=minimum) for b in boundaries]
+    if any(b >= c for b, c in itertools.pairwise(result)):
+        raise ValueError(f"boundaries must be strictly increasing, got {result}")
+    return result
+
+
+def _float_step(step: jax.Array, like: jax.Array) -> jax.Array:
+    return jnp.asarray(step).astype(jnp.result_type(like))
 
 
 def constant_schedule(lr: float) -> Schedule:
-    """``lr_i = lr`` at every step.
+    """``lr_i = lr``.
 
     Example:
         >>> import kopt
-        >>> float(kopt.constant_schedule(0.1)(7))
-        0.1...
+        >>> float(kopt.constant_schedule(0.5)(7))
+        0.5
     """
-    return Schedule(_constant, {"lr": check_hyperparam("lr", lr)})
 
+    def constant(step, lr):
+        del step
+        return lr
 
-def _inverse_time(step: jax.Array, lr: jax.Array, decay: jax.Array) -> jax.Array:
-    # Keras 2 forms the reciprocal first and then multiplies; the float32 bits
-    # depend on that order.
-    return lr * (1.0 / (1.0 + decay * step.astype(decay.dtype)))
+    return Schedule(constant, _checked(lr=lr))
 
 
 def inverse_time_decay(lr: float, decay: float) -> Schedule:
     """Keras 2's ``decay``: ``lr_i = lr * (1 / (1 + decay * i))``.
 
-    ``i`` is the number of steps taken before this one, so the first step uses
-    ``lr`` itself. ``lr`` and ``decay`` are hyperparameters in the state.
+    The first step uses ``lr`` itself. ``lr`` and ``decay`` are hyperparameters
+    in the state; as in Keras, ``lr`` reads back as the undecayed value.
 
     Example:
         >>> import kopt
@@ -64,7 +80,170 @@ def inverse_time_decay(lr: float, decay: float) -> Schedule:
         >>> [round(float(schedule(i)), 4) for i in range(3)]
         [0.1, 0.05, 0.0333]
     """
-    return Schedule(
-        _inverse_time,
-        {"lr": check_hyperparam("lr", lr), "decay": check_hyperparam("decay", decay)},
-    )
+
+    def inverse_time(step, lr, decay):
+        # Keras forms the reciprocal first and then multiplies; float32 bits depend on it.
+        return lr * (1.0 / (1.0 + decay * _float_step(step, decay)))
+
+    return Schedule(inverse_time, _checked(lr=lr, decay=decay))
+
+
+def exponential_decay(lr: float, decay_steps: int, decay_rate: float, staircase: bool = False) -> Schedule:
+    """``lr_i = lr * decay_rate ** (i / decay_steps)`` (``floor`` of the exponent if ``staircase``).
+
+    Example:
+        >>> import kopt
+        >>> schedule = kopt.exponential_decay(1.0, decay_steps=10, decay_rate=0.5, staircase=True)
+        >>> [float(schedule(i)) for i in (0, 9, 10, 25)]
+        [1.0, 1.0, 0.5, 0.25]
+    """
+    decay_steps = check_count("decay_steps", decay_steps)
+    staircase = check_bool("staircase", staircase)
+
+    def exponential(step, lr, decay_rate):
+        exponent = _float_step(step, lr) / decay_steps
+        return lr * decay_rate ** (jnp.floor(exponent) if staircase else exponent)
+
+    return Schedule(exponential, _checked(lr=lr, decay_rate=decay_rate))
+
+
+def piecewise_constant(lr: float, boundaries: Sequence[int], scales: Sequence[float]) -> Schedule:
+    """``lr`` times the product of ``scales[j]`` over the ``boundaries[j] <= i``.
+
+    Example:
+        >>> import kopt
+        >>> schedule = kopt.piecewise_constant(0.1, boundaries=[10, 20], scales=[0.5, 0.1])
+        >>> [round(float(schedule(i)), 4) for i in (0, 10, 20)]
+        [0.1, 0.05, 0.005]
+    """
+    boundaries = _boundaries(boundaries, minimum=0)
+    scales = [check_hyperparam("scale", s) for s in scales]
+    if len(boundaries) != len(scales):
+        raise ValueError(f"boundaries and scales must have the same length, got {len(boundaries)} and {len(scales)}")
+
+    def piecewise(step, lr):
+        factor = jnp.ones_like(lr)
+        for boundary, scale in zip(boundaries, scales, strict=True):
+            factor = jnp.where(step >= boundary, factor * scale, factor)
+        return lr * factor
+
+    return Schedule(piecewise, _checked(lr=lr))
+
+
+def polynomial_decay(lr: float, end_lr: float, decay_steps: int, power: float = 1.0) -> Schedule:
+    """``lr_i = (lr - end_lr) * (1 - min(i, decay_steps) / decay_steps) ** power + end_lr``.
+
+    Example:
+        >>> import kopt
+        >>> schedule = kopt.polynomial_decay(1.0, end_lr=0.0, decay_steps=4)
+        >>> [float(schedule(i)) for i in (0, 2, 4, 8)]
+        [1.0, 0.5, 0.0, 0.0]
+    """
+    decay_steps = check_count("decay_steps", decay_steps)
+
+    def polynomial(step, lr, end_lr, power):
+        remaining = 1 - jnp.minimum(_float_step(step, lr), decay_steps) / decay_steps
+        return (lr - end_lr) * remaining**power + end_lr
+
+    return Schedule(polynomial, _checked(lr=lr, end_lr=end_lr, power=power))
+
+
+def cosine_decay(
+    lr: float,
+    decay_steps: int,
+    alpha: float = 0.0,
+    *,
+    restarts: bool = False,
+    t_mul: float = 1.0,
+    m_mul: float = 1.0,
+) -> Schedule:
+    """Cosine annealing from ``lr`` to ``alpha * lr`` over ``decay_steps``, optionally restarting.
+
+    Within a period of length ``T`` at position ``s``:
+    ``lr_i = peak * ((1 - alpha) * (1 + cos(pi * s / T)) / 2 + alpha)``. Without
+    restarts there is one period and the rate stays at ``alpha * lr`` after it.
+    With ``restarts=True`` (SGDR), period ``k`` lasts ``decay_steps * t_mul**k``
+    steps and peaks at ``lr * m_mul**k``.
+
+    Example:
+        >>> import kopt
+        >>> schedule = kopt.cosine_decay(1.0, decay_steps=4, restarts=True)
+        >>> [round(float(schedule(i)), 3) for i in (0, 2, 4, 6)]
+        [1.0, 0.5, 1.0, 0.5]
+    """
+    decay_steps = check_count("decay_steps", decay_steps)
+    restarts = check_bool("restarts", restarts)
+    t_mul = as_real("t_mul", t_mul)
+    if t_mul <= 0:
+        raise ValueError(f"t_mul must be > 0, got {t_mul}")
+
+    def cosine(step, lr, alpha, m_mul):
+        i = _float_step(step, lr)
+        if not restarts:
+            period, position, length = jnp.zeros_like(i), jnp.minimum(i, decay_steps), decay_steps
+        elif t_mul == 1.0:
+            period = jnp.floor(i / decay_steps)
+            position, length = i - period * decay_steps, decay_steps
+        else:
+            period = jnp.floor(jnp.log1p(i / decay_steps * (t_mul - 1)) / math.log(t_mul))
+            start = decay_steps * (1 - t_mul**period) / (1 - t_mul)
+            position, length = i - start, decay_steps * t_mul**period
+        shape = 0.5 * (1 + jnp.cos(jnp.pi * position / length))
+        return lr * m_mul**period * ((1 - alpha) * shape + alpha)
+
+    return Schedule(cosine, _checked(lr=lr, alpha=alpha, m_mul=m_mul))
+
+
+def linear_warmup(lr: float, warmup_steps: int, init_lr: float = 0.0) -> Schedule:
+    """Linear from ``init_lr`` at step 0 to ``lr`` at ``warmup_steps``, then constant ``lr``.
+
+    Example:
+        >>> import kopt
+        >>> schedule = kopt.linear_warmup(1.0, warmup_steps=4)
+        >>> [float(schedule(i)) for i in (0, 1, 4, 9)]
+        [0.0, 0.25, 1.0, 1.0]
+    """
+    warmup_steps = check_count("warmup_steps", warmup_steps)
+
+    def warmup(step, lr, init_lr):
+        fraction = jnp.minimum(_float_step(step, lr), warmup_steps) / warmup_steps
+        return init_lr + (lr - init_lr) * fraction
+
+    return Schedule(warmup, _checked(lr=lr, init_lr=init_lr))
+
+
+def join_schedules(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> Schedule:
+    """Runs ``schedules[k]`` from ``boundaries[k-1]`` on, restarting its step count there.
+
+    The hyperparameters of ``schedules[k]`` get the suffix ``_k`` (``lr_0``,
+    ``lr_1``, ...), so each part can be changed on its own.
+
+    Example:
+        >>> import kopt
+        >>> schedule = kopt.join_schedules(
+        ...     [kopt.linear_warmup(1.0, 2), kopt.cosine_decay(1.0, 4)], boundaries=[2])
+        >>> [round(float(schedule(i)), 3) for i in (0, 1, 2, 4, 6)]
+        [0.0, 0.5, 1.0, 0.5, 0.0]
+    """
+    schedules = list(schedules)
+    boundaries = _boundaries(boundaries, minimum=1)
+    if len(boundaries) != len(schedules) - 1:
+        raise ValueError(f"join_schedules needs len(schedules) - 1 boundaries, got {len(boundaries)}")
+    for index, schedule in enumerate(schedules):
+        if not isinstance(schedule, Schedule):
+            raise ValueError(f"schedules[{index}] must be a kopt.Schedule, got {type(schedule).__name__}")
+    starts = [0, *boundaries]
+    names = [{f"{name}_{k}": name for name in s.hyperparams} for k, s in enumerate(schedules)]
+
+    def joined(step, **hyperparams):
+        values = [
+            s.fn(step - start, **{name: hyperparams[key] for key, name in keys.items()})
+            for s, start, keys in zip(schedules, starts, names, strict=True)
+        ]
+        result = values[0]
+        for boundary, value in zip(boundaries, values[1:], strict=True):
+            result = jnp.where(step >= boundary, value, result)
+        return result
+
+    merged = {key: s.hyperparams[name] for s, keys in zip(schedules, names, strict=True) for key, name in keys.items()}
+    return Schedule(joined, merged)

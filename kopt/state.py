@@ -32,9 +32,12 @@ import jax.numpy as jnp
 
 from kopt.base import OptState, Params
 from kopt.tree import hyperparam_dtype
-from kopt.validation import RANGES, as_real, check_hyperparam, is_concrete
+from kopt.validation import check_hyperparam, is_concrete
 
 _INNER_FIELDS = ("inner_state", "inner_states")
+
+#: Hyperparameters that are read-outs, written by ``update`` (not settable).
+READ_ONLY = {"current_lr": "it is the learning rate of the latest step; set lr (the schedule's base value) instead"}
 
 
 def init_hyperparams(values: Mapping[str, float], params: Params) -> dict[str, jax.Array]:
@@ -103,11 +106,10 @@ def set_hyperparams(state: OptState, **values: Any) -> OptState:
     for name, value in values.items():
         if name not in known:
             raise ValueError(f"no hyperparameter named {name!r} in this state; available: {sorted(known)}")
+        if name in READ_ONLY:
+            raise ValueError(f"{name} cannot be set: {READ_ONLY[name]}")
         if is_concrete(value):
-            if name in RANGES:
-                check_hyperparam(name, value)
-            else:
-                as_real(name, value)
+            check_hyperparam(name, value)
         if jnp.shape(value) != jnp.shape(known[name]):
             raise ValueError(
                 f"{name} must have shape {jnp.shape(known[name])}, got an array of shape {jnp.shape(value)}"

@@ -57,32 +57,39 @@ class ScaleByLearningRateState(NamedTuple):
 def scale_by_learning_rate(lr: float | Schedule | Callable[[jax.Array], jax.Array]) -> GradientTransformation:
     """``g <- -lr_i * g``: the learning rate, with the sign of a descent step.
 
-    ``lr`` is a number (constant), a :class:`~kopt.Schedule` such as
-    :func:`~kopt.inverse_time_decay` (its numbers live in the state, so
-    ``set_hyperparams(state, lr=...)`` changes them), or any function
-    ``step -> lr`` (whose numbers are then fixed at trace time). ``i`` is the
-    number of steps taken before this one.
+    ``lr`` is a number (constant), a :class:`~kopt.Schedule` (its numbers live
+    in the state: ``set_hyperparams(state, lr=...)`` sets the schedule's base
+    value, i.e. rescales it), or any function ``step -> lr`` (whose numbers
+    are then fixed at trace time). The state also reports ``current_lr``, the
+    rate of the latest step (before the first step: the rate it will use).
+    ``i`` is the number of steps taken before this one.
 
     Example:
-        >>> import jax.numpy as jnp, kopt
-        >>> sgd = kopt.chain(kopt.scale_by_learning_rate(kopt.inverse_time_decay(0.1, 1e-3)))
+        >>> import kopt
+        >>> sgd = kopt.chain(kopt.scale_by_learning_rate(kopt.cosine_decay(0.1, 1000)))
     """
     if isinstance(lr, Schedule):
-        schedule_fn, values = lr.fn, dict(lr.hyperparams)
+        schedule = lr
     elif callable(lr):
-        schedule_fn, values = (lambda step: lr(step)), {}
+        schedule = Schedule(lambda step: lr(step), {})
     else:
-        constant = constant_schedule(lr)
-        schedule_fn, values = constant.fn, dict(constant.hyperparams)
+        schedule = constant_schedule(lr)
+
+    def learning_rate(count, hyperparams):
+        values = {name: value for name, value in hyperparams.items() if name != "current_lr"}
+        current = hyperparams["current_lr"]
+        return jnp.asarray(schedule.fn(count, **values)).astype(current.dtype).reshape(current.shape)
 
     def init(params):
-        return ScaleByLearningRateState(_zero_count(), init_hyperparams(values, params))
+        hyperparams = init_hyperparams({**schedule.hyperparams, "current_lr": 0.0}, params)
+        count = _zero_count()
+        return ScaleByLearningRateState(count, {**hyperparams, "current_lr": learning_rate(count, hyperparams)})
 
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
-        step_size = -schedule_fn(state.count, **state.hyperparams)
-        (updates,) = map_arrays(lambda g: (step_size * g,), updates)
-        return updates, ScaleByLearningRateState(_increment(state.count), state.hyperparams)
+        lr = learning_rate(state.count, state.hyperparams)
+        (updates,) = map_arrays(lambda g: (-lr * g,), updates)
+        return updates, ScaleByLearningRateState(_increment(state.count), {**state.hyperparams, "current_lr": lr})
 
     return GradientTransformation(init, update)
 

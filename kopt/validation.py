@@ -51,7 +51,30 @@ RANGES: dict[str, Range] = {
     "schedule_decay": NON_NEGATIVE,
     "max_norm": POSITIVE,
     "max_delta": POSITIVE,
+    # schedules
+    "decay_rate": POSITIVE,
+    "end_lr": NON_NEGATIVE,
+    "init_lr": NON_NEGATIVE,
+    "power": NON_NEGATIVE,
+    "alpha": Range(0.0, 1.0),
+    "m_mul": NON_NEGATIVE,
+    "scale": NON_NEGATIVE,
+    # training-loop transforms
+    "weight_decay": NON_NEGATIVE,
+    "factor": Range(0.0, 1.0, low_inclusive=False, high_inclusive=False),
+    "min_delta": NON_NEGATIVE,
+    "min_scale": NON_NEGATIVE,
+    "slow_step_size": Range(0.0, 1.0, low_inclusive=False),
+    "ema_decay": Range(0.0, 1.0, high_inclusive=False),
 }
+
+
+def range_of(name: str) -> Range | None:
+    """The range of ``name``; ``lr_1`` (a joined schedule's ``lr``) has the range of ``lr``."""
+    if name in RANGES:
+        return RANGES[name]
+    base, _, suffix = name.rpartition("_")
+    return RANGES.get(base) if suffix.isdigit() else None
 
 
 def is_concrete(value: Any) -> bool:
@@ -76,10 +99,19 @@ def as_real(name: str, value: Any) -> float:
 def check_hyperparam(name: str, value: Any) -> float:
     """Checks ``value`` against the range of hyperparameter ``name``; returns it as a float."""
     result = as_real(name, value)
-    allowed = RANGES[name]
-    if result not in allowed:
+    allowed = range_of(name)
+    if allowed is not None and result not in allowed:
         raise ValueError(f"{name} must be {allowed}, got {result}")
     return result
+
+
+def check_count(name: str, value: Any, *, minimum: int = 1) -> int:
+    """An integer number of steps, ``>= minimum``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Integral, np.integer)):
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
+    return int(value)
 
 
 def check_bool(name: str, value: Any) -> bool:

@@ -85,7 +85,7 @@ def test_hyperparameter_names_follow_keras():
     }
     for name, keys in expected.items():
         state = getattr(kopt, name)(clipnorm=1.0, clipvalue=2.0).init(jnp.ones(2))
-        assert set(kopt.get_hyperparams(state)) == keys | {"max_norm", "max_delta"}
+        assert set(kopt.get_hyperparams(state)) == keys | {"max_norm", "max_delta", "current_lr"}
 
 
 def test_hyperparameters_take_the_params_float_dtype_with_keras_rounding():
