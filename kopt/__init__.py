@@ -3,13 +3,27 @@
 The public API is exactly what this module names; everything else is private.
 """
 
+from kopt.averaging import EmaParamsState, LookaheadState, ema_params, lookahead
 from kopt.base import EmptyState, GradientTransformation, apply_updates, chain, identity
 from kopt.clipping import ClipState, clip_by_global_norm, clip_by_norm, clip_by_value
-from kopt.optimizers import SGD, Adadelta, Adagrad, Adam, Adamax, Nadam, Optimizer, RMSprop
-from kopt.schedules import Schedule, constant_schedule, inverse_time_decay
+from kopt.groups import MaskedState, PartitionState, masked, partition
+from kopt.optimizers import SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, Nadam, Optimizer, RMSprop
+from kopt.plateau import ReduceOnPlateauState, reduce_on_plateau
+from kopt.schedules import (
+    Schedule,
+    constant_schedule,
+    cosine_decay,
+    exponential_decay,
+    inverse_time_decay,
+    join_schedules,
+    linear_warmup,
+    piecewise_constant,
+    polynomial_decay,
+)
 from kopt.serialization import deserialize, get, serialize
 from kopt.state import get_hyperparams, get_slot, iterations, set_hyperparams, slot_names
 from kopt.transforms import (
+    AddDecayedWeightsState,
     ScaleByAdadeltaState,
     ScaleByAdagradState,
     ScaleByAdamaxState,
@@ -18,6 +32,7 @@ from kopt.transforms import (
     ScaleByNadamState,
     ScaleByRmsState,
     TraceState,
+    add_decayed_weights,
     scale_by_adadelta,
     scale_by_adagrad,
     scale_by_adam,
@@ -27,6 +42,7 @@ from kopt.transforms import (
     scale_by_rms,
     trace,
 )
+from kopt.wrappers import AccumulateState, SkipNonfiniteState, accumulate, skip_nonfinite
 
 __version__ = "0.1.0"
 
@@ -49,10 +65,25 @@ __all__ = [
     "scale_by_adamax",
     "scale_by_nadam",
     "scale_by_learning_rate",
+    "add_decayed_weights",
+    "reduce_on_plateau",
+    "ema_params",
+    # wrappers
+    "masked",
+    "partition",
+    "skip_nonfinite",
+    "accumulate",
+    "lookahead",
     # schedules
     "Schedule",
     "constant_schedule",
     "inverse_time_decay",
+    "exponential_decay",
+    "piecewise_constant",
+    "polynomial_decay",
+    "cosine_decay",
+    "linear_warmup",
+    "join_schedules",
     # optimizers
     "Optimizer",
     "SGD",
@@ -62,6 +93,7 @@ __all__ = [
     "Adam",
     "Adamax",
     "Nadam",
+    "AdamW",
     # by name / config
     "get",
     "serialize",
@@ -82,4 +114,12 @@ __all__ = [
     "ScaleByAdamState",
     "ScaleByAdamaxState",
     "ScaleByNadamState",
+    "AddDecayedWeightsState",
+    "ReduceOnPlateauState",
+    "EmaParamsState",
+    "MaskedState",
+    "PartitionState",
+    "SkipNonfiniteState",
+    "AccumulateState",
+    "LookaheadState",
 ]

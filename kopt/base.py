@@ -72,8 +72,8 @@ def identity() -> GradientTransformation:
     return GradientTransformation(init, update)
 
 
-def _accepted_extra_args(update: Callable) -> Callable[[dict], dict]:
-    """Returns a filter keeping the extra keyword arguments ``update`` accepts.
+def accepted_extra_args(update: Callable) -> Callable[[dict], dict]:
+    """Returns a filter keeping the extra keyword arguments ``update`` accepts (for wrappers and ``chain``).
 
     kopt's own transformations take ``**extra_args``; an optax transformation
     (or a user's function) may not, and must not be broken by a keyword meant
@@ -111,7 +111,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
                 f"chain: argument {position} must be a GradientTransformation "
                 f"(an object with init and update), got {type(transform).__name__}"
             )
-    extra_filters = tuple(_accepted_extra_args(t.update) for t in transforms)
+    extra_filters = tuple(accepted_extra_args(t.update) for t in transforms)
 
     def init(params: Params) -> tuple:
         return tuple(t.init(params) for t in transforms)

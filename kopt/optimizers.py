@@ -1,7 +1,8 @@
 """The seven Keras 2 optimizers, each a chain of kopt transformations.
 
 Signatures and defaults are Keras 2.2.4's, plus ``clipnorm`` / ``clipvalue``
-on every optimizer and ``learning_rate`` as a synonym of ``lr``. Each returns
+on every optimizer, ``learning_rate`` as a synonym of ``lr``, ``state_dtype``
+(see :mod:`kopt.transforms`) and :func:`AdamW`. Each returns
 an :class:`Optimizer`: the ``GradientTransformation`` of the chain, which also
 remembers its Keras config for :func:`kopt.serialize`.
 
@@ -22,6 +23,7 @@ from kopt.base import GradientTransformation, chain
 from kopt.clipping import clip_by_global_norm, clip_by_value
 from kopt.schedules import Schedule, inverse_time_decay
 from kopt.transforms import (
+    add_decayed_weights,
     scale_by_adadelta,
     scale_by_adagrad,
     scale_by_adam,
@@ -31,7 +33,7 @@ from kopt.transforms import (
     scale_by_rms,
     trace,
 )
-from kopt.validation import check_clip_option, check_hyperparam
+from kopt.validation import check_clip_option, check_hyperparam, check_state_dtype
 
 #: Keras 2.2.4's ``K.epsilon()``, the value ``epsilon=None`` resolves to.
 EPSILON = 1e-7
@@ -82,9 +84,14 @@ def _keras_optimizer(
     config: dict[str, Any],
     clipnorm: float | None,
     clipvalue: float | None,
+    state_dtype: Any,
     *transforms: GradientTransformation,
 ) -> Optimizer:
-    """Prepends Keras' gradient clipping to ``transforms`` and labels the chain."""
+    """Prepends Keras' gradient clipping to ``transforms`` and labels the chain.
+
+    ``state_dtype`` (already given to the transforms) is added to the config
+    when set, by name, so configs stay JSON.
+    """
     clipnorm = check_clip_option("clipnorm", clipnorm)
     clipvalue = check_clip_option("clipvalue", clipvalue)
     clipping = []
@@ -93,6 +100,8 @@ def _keras_optimizer(
     if clipvalue:
         clipping.append(clip_by_value(clipvalue))
     given = {name: value for name, value in (("clipnorm", clipnorm), ("clipvalue", clipvalue)) if value is not None}
+    if state_dtype is not None:
+        config = {**config, "state_dtype": check_state_dtype(state_dtype).name}
     return Optimizer(chain(*clipping, *transforms), class_name, {**given, **config})
 
 
@@ -105,6 +114,7 @@ def SGD(
     clipnorm: float | None = None,
     clipvalue: float | None = None,
     learning_rate: LearningRate | None = None,
+    state_dtype: Any = None,
 ) -> Optimizer:
     """Stochastic gradient descent with momentum (Keras 2).
 
@@ -121,7 +131,13 @@ def SGD(
     lr = _resolve_lr(lr, learning_rate, 0.01)
     config = {"lr": lr, "momentum": momentum, "decay": decay, "nesterov": nesterov}
     return _keras_optimizer(
-        "SGD", config, clipnorm, clipvalue, scale_by_learning_rate(_decayed(lr, decay)), trace(momentum, nesterov)
+        "SGD",
+        config,
+        clipnorm,
+        clipvalue,
+        state_dtype,
+        scale_by_learning_rate(_decayed(lr, decay)),
+        trace(momentum, nesterov, state_dtype),
     )
 
 
@@ -134,11 +150,12 @@ def RMSprop(
     clipnorm: float | None = None,
     clipvalue: float | None = None,
     learning_rate: LearningRate | None = None,
+    state_dtype: Any = None,
 ) -> Optimizer:
     """RMSprop (Keras 2): ``a <- rho*a + (1-rho)*g**2``; ``p <- p - lr_i*g / (sqrt(a) + epsilon)``.
 
     Defaults ``lr=0.001, rho=0.9, epsilon=None (1e-7), decay=0``.
-    Chain: ``scale_by_rms(rho, epsilon)``, ``scale_by_learning_rate(...)``.
+    Chain: ``scale_by_rms(rho, epsilon, state_dtype)``, ``scale_by_learning_rate(...)``.
 
     Example:
         >>> import kopt
@@ -148,7 +165,13 @@ def RMSprop(
     epsilon = EPSILON if epsilon is None else epsilon
     config = {"lr": lr, "rho": rho, "decay": decay, "epsilon": epsilon}
     return _keras_optimizer(
-        "RMSprop", config, clipnorm, clipvalue, scale_by_rms(rho, epsilon), scale_by_learning_rate(_decayed(lr, decay))
+        "RMSprop",
+        config,
+        clipnorm,
+        clipvalue,
+        state_dtype,
+        scale_by_rms(rho, epsilon, state_dtype),
+        scale_by_learning_rate(_decayed(lr, decay)),
     )
 
 
@@ -160,11 +183,12 @@ def Adagrad(
     clipnorm: float | None = None,
     clipvalue: float | None = None,
     learning_rate: LearningRate | None = None,
+    state_dtype: Any = None,
 ) -> Optimizer:
     """Adagrad (Keras 2): ``a <- a + g**2`` (from zero); ``p <- p - lr_i*g / (sqrt(a) + epsilon)``.
 
     Defaults ``lr=0.01, epsilon=None (1e-7), decay=0``.
-    Chain: ``scale_by_adagrad(epsilon)``, ``scale_by_learning_rate(...)``.
+    Chain: ``scale_by_adagrad(epsilon, state_dtype)``, ``scale_by_learning_rate(...)``.
 
     Example:
         >>> import kopt
@@ -174,7 +198,13 @@ def Adagrad(
     epsilon = EPSILON if epsilon is None else epsilon
     config = {"lr": lr, "decay": decay, "epsilon": epsilon}
     return _keras_optimizer(
-        "Adagrad", config, clipnorm, clipvalue, scale_by_adagrad(epsilon), scale_by_learning_rate(_decayed(lr, decay))
+        "Adagrad",
+        config,
+        clipnorm,
+        clipvalue,
+        state_dtype,
+        scale_by_adagrad(epsilon, state_dtype),
+        scale_by_learning_rate(_decayed(lr, decay)),
     )
 
 
@@ -187,6 +217,7 @@ def Adadelta(
     clipnorm: float | None = None,
     clipvalue: float | None = None,
     learning_rate: LearningRate | None = None,
+    state_dtype: Any = None,
 ) -> Optimizer:
     """Adadelta (Keras 2): ``p <- p - lr_i*u`` with ``u`` from :func:`~kopt.scale_by_adadelta`.
 
@@ -205,7 +236,8 @@ def Adadelta(
         config,
         clipnorm,
         clipvalue,
-        scale_by_adadelta(rho, epsilon),
+        state_dtype,
+        scale_by_adadelta(rho, epsilon, state_dtype),
         scale_by_learning_rate(_decayed(lr, decay)),
     )
 
@@ -221,6 +253,7 @@ def Adam(
     clipnorm: float | None = None,
     clipvalue: float | None = None,
     learning_rate: LearningRate | None = None,
+    state_dtype: Any = None,
 ) -> Optimizer:
     """Adam (Keras 2), optionally AMSGrad.
 
@@ -241,7 +274,59 @@ def Adam(
         config,
         clipnorm,
         clipvalue,
-        scale_by_adam(beta_1, beta_2, epsilon, amsgrad),
+        state_dtype,
+        scale_by_adam(beta_1, beta_2, epsilon, amsgrad, state_dtype),
+        scale_by_learning_rate(_decayed(lr, decay)),
+    )
+
+
+def AdamW(
+    lr: LearningRate | None = None,
+    beta_1: float = 0.9,
+    beta_2: float = 0.999,
+    epsilon: float | None = None,
+    decay: float = 0.0,
+    amsgrad: bool = False,
+    weight_decay: float = 0.004,
+    *,
+    clipnorm: float | None = None,
+    clipvalue: float | None = None,
+    learning_rate: LearningRate | None = None,
+    state_dtype: Any = None,
+) -> Optimizer:
+    """Adam of the spec with decoupled weight decay (a kopt extension; Keras 2 has no AdamW).
+
+    ``p <- p - lr_i * sqrt(1-beta_2**t)/(1-beta_1**t) * m / (sqrt(v) + epsilon)
+    - lr_i * weight_decay * p`` with ``lr_i = lr / (1 + decay*i)`` (decayed,
+    not bias-corrected) and ``p`` the params before the step. Every leaf is
+    decayed; for masks compose ``add_decayed_weights(rate, mask)`` yourself.
+    Defaults as :func:`Adam`, ``weight_decay=0.004``.
+    Chain: ``scale_by_adam(...)``, ``add_decayed_weights(weight_decay)``,
+    ``scale_by_learning_rate(...)``.
+
+    Example:
+        >>> import kopt
+        >>> opt = kopt.AdamW(lr=1e-3, weight_decay=1e-2)
+    """
+    lr = _resolve_lr(lr, learning_rate, 0.001)
+    epsilon = EPSILON if epsilon is None else epsilon
+    config = {
+        "lr": lr,
+        "beta_1": beta_1,
+        "beta_2": beta_2,
+        "decay": decay,
+        "epsilon": epsilon,
+        "amsgrad": amsgrad,
+        "weight_decay": weight_decay,
+    }
+    return _keras_optimizer(
+        "AdamW",
+        config,
+        clipnorm,
+        clipvalue,
+        state_dtype,
+        scale_by_adam(beta_1, beta_2, epsilon, amsgrad, state_dtype),
+        add_decayed_weights(weight_decay),
         scale_by_learning_rate(_decayed(lr, decay)),
     )
 
@@ -256,6 +341,7 @@ def Adamax(
     clipnorm: float | None = None,
     clipvalue: float | None = None,
     learning_rate: LearningRate | None = None,
+    state_dtype: Any = None,
 ) -> Optimizer:
     """Adamax (Keras 2): ``p <- p - lr_i/(1-beta_1**t) * m / (u + epsilon)``, ``u <- max(beta_2*u, |g|)``.
 
@@ -274,7 +360,8 @@ def Adamax(
         config,
         clipnorm,
         clipvalue,
-        scale_by_adamax(beta_1, beta_2, epsilon),
+        state_dtype,
+        scale_by_adamax(beta_1, beta_2, epsilon, state_dtype),
         scale_by_learning_rate(_decayed(lr, decay)),
     )
 
@@ -289,6 +376,7 @@ def Nadam(
     clipnorm: float | None = None,
     clipvalue: float | None = None,
     learning_rate: LearningRate | None = None,
+    state_dtype: Any = None,
 ) -> Optimizer:
     """Nadam (Keras 2): Adam with Nesterov momentum and a momentum schedule; no ``decay``.
 
@@ -308,6 +396,7 @@ def Nadam(
         config,
         clipnorm,
         clipvalue,
-        scale_by_nadam(beta_1, beta_2, epsilon, schedule_decay),
+        state_dtype,
+        scale_by_nadam(beta_1, beta_2, epsilon, schedule_decay, state_dtype),
         scale_by_learning_rate(lr),
     )

@@ -20,11 +20,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from kopt.base import GradientTransformation, OptState
-from kopt.optimizers import SGD, Adadelta, Adagrad, Adam, Adamax, Nadam, Optimizer, RMSprop
+from kopt.optimizers import SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, Nadam, Optimizer, RMSprop
 from kopt.state import get_hyperparams
 
 #: The optimizers ``get``/``deserialize`` know, by lower-case name.
-OPTIMIZERS = {c.__name__.lower(): c for c in (SGD, RMSprop, Adagrad, Adadelta, Adam, Adamax, Nadam)}
+OPTIMIZERS = {c.__name__.lower(): c for c in (SGD, RMSprop, Adagrad, Adadelta, Adam, Adamax, Nadam, AdamW)}
 
 # Keras config keys whose hyperparameter has another name in the state.
 _STATE_NAMES = {"clipnorm": "max_norm", "clipvalue": "max_delta"}

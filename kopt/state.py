@@ -110,6 +110,8 @@ def set_hyperparams(state: OptState, **values: Any) -> OptState:
             raise ValueError(f"{name} cannot be set: {READ_ONLY[name]}")
         if is_concrete(value):
             check_hyperparam(name, value)
+        if is_concrete(value) and jnp.issubdtype(known[name].dtype, jnp.integer) and float(value) != int(value):
+            raise ValueError(f"{name} must be a whole number, got {value}")
         if jnp.shape(value) != jnp.shape(known[name]):
             raise ValueError(
                 f"{name} must have shape {jnp.shape(known[name])}, got an array of shape {jnp.shape(value)}"

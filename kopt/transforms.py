@@ -7,6 +7,12 @@ corrections, schedules) are computed once per step. All numeric
 hyperparameters are arrays in the state (see :mod:`kopt.state`); structural
 options (``nesterov``, ``amsgrad``) are Python values.
 
+Every transformation with per-parameter slots takes ``state_dtype=None``:
+``None`` gives each slot its parameter's dtype, but at least float32 (so
+bfloat16 params train with float32 state); a floating dtype such as
+``"bfloat16"`` stores every slot in it (the math still runs in float32), which
+halves the state of float32 params.
+
 Symbols: ``g`` a gradient (or incoming update) leaf, ``i`` the number of steps
 taken before this one, ``t = i + 1``.
 """
@@ -14,16 +20,17 @@ taken before this one, ``t = i + 1``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from kopt.base import GradientTransformation, Updates
+from kopt.groups import masked
 from kopt.schedules import Schedule, constant_schedule
 from kopt.state import init_hyperparams
 from kopt.tree import hyperparam_dtype, map_arrays, zeros_slots
-from kopt.validation import check_bool, check_hyperparam
+from kopt.validation import check_bool, check_hyperparam, check_state_dtype
 
 HyperParams = dict[str, jax.Array]
 
@@ -107,7 +114,7 @@ def _trace_array(u, velocity, momentum, nesterov):
     return (momentum * velocity + u if nesterov else velocity), velocity
 
 
-def trace(momentum: float = 0.0, nesterov: bool = False) -> GradientTransformation:
+def trace(momentum: float = 0.0, nesterov: bool = False, state_dtype: Any = None) -> GradientTransformation:
     """Momentum on incoming updates ``u`` (Keras 2 SGD, when placed after the learning rate).
 
     ``velocity <- momentum * velocity + u``; the output is ``velocity``, or with
@@ -121,10 +128,11 @@ def trace(momentum: float = 0.0, nesterov: bool = False) -> GradientTransformati
         >>> sgd = kopt.chain(kopt.scale_by_learning_rate(0.01), kopt.trace(0.9, nesterov=True))
     """
     values = _checked(momentum=momentum)
+    state_dtype = check_state_dtype(state_dtype)
     nesterov = check_bool("nesterov", nesterov)
 
     def init(params):
-        return TraceState(zeros_slots(params), init_hyperparams(values, params))
+        return TraceState(zeros_slots(params, state_dtype), init_hyperparams(values, params))
 
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
@@ -148,7 +156,7 @@ def _rms_array(g, accumulator, rho, epsilon):
     return g / (jnp.sqrt(accumulator) + epsilon), accumulator
 
 
-def scale_by_rms(rho: float = 0.9, epsilon: float = 1e-7) -> GradientTransformation:
+def scale_by_rms(rho: float = 0.9, epsilon: float = 1e-7, state_dtype: Any = None) -> GradientTransformation:
     """RMSprop's scaling (Keras 2): ``a <- rho*a + (1-rho)*g**2``; ``g <- g / (sqrt(a) + epsilon)``.
 
     ``a`` starts at zero; the new ``a`` (including this gradient) is used, and
@@ -160,9 +168,10 @@ def scale_by_rms(rho: float = 0.9, epsilon: float = 1e-7) -> GradientTransformat
         >>> rmsprop = kopt.chain(kopt.scale_by_rms(0.9), kopt.scale_by_learning_rate(1e-3))
     """
     values = _checked(rho=rho, epsilon=epsilon)
+    state_dtype = check_state_dtype(state_dtype)
 
     def init(params):
-        return ScaleByRmsState(zeros_slots(params), init_hyperparams(values, params))
+        return ScaleByRmsState(zeros_slots(params, state_dtype), init_hyperparams(values, params))
 
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
@@ -183,7 +192,7 @@ def _adagrad_array(g, accumulator, epsilon):
     return g / (jnp.sqrt(accumulator) + epsilon), accumulator
 
 
-def scale_by_adagrad(epsilon: float = 1e-7) -> GradientTransformation:
+def scale_by_adagrad(epsilon: float = 1e-7, state_dtype: Any = None) -> GradientTransformation:
     """Adagrad's scaling (Keras 2): ``a <- a + g**2``; ``g <- g / (sqrt(a) + epsilon)``.
 
     ``a`` starts at exactly zero (no 0.1 initial accumulator as in optax/TF).
@@ -194,9 +203,10 @@ def scale_by_adagrad(epsilon: float = 1e-7) -> GradientTransformation:
         >>> adagrad = kopt.chain(kopt.scale_by_adagrad(), kopt.scale_by_learning_rate(0.01))
     """
     values = _checked(epsilon=epsilon)
+    state_dtype = check_state_dtype(state_dtype)
 
     def init(params):
-        return ScaleByAdagradState(zeros_slots(params), init_hyperparams(values, params))
+        return ScaleByAdagradState(zeros_slots(params, state_dtype), init_hyperparams(values, params))
 
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
@@ -223,7 +233,7 @@ def _adadelta_array(g, accumulator, delta_accumulator, rho, epsilon):
     return step, accumulator, delta_accumulator
 
 
-def scale_by_adadelta(rho: float = 0.95, epsilon: float = 1e-7) -> GradientTransformation:
+def scale_by_adadelta(rho: float = 0.95, epsilon: float = 1e-7, state_dtype: Any = None) -> GradientTransformation:
     """Adadelta's scaling (Keras 2), without the learning rate.
 
     ``a <- rho*a + (1-rho)*g**2``; ``u = g * sqrt(d + epsilon) / sqrt(a + epsilon)``
@@ -236,9 +246,12 @@ def scale_by_adadelta(rho: float = 0.95, epsilon: float = 1e-7) -> GradientTrans
         >>> adadelta = kopt.chain(kopt.scale_by_adadelta(), kopt.scale_by_learning_rate(1.0))
     """
     values = _checked(rho=rho, epsilon=epsilon)
+    state_dtype = check_state_dtype(state_dtype)
 
     def init(params):
-        return ScaleByAdadeltaState(zeros_slots(params), zeros_slots(params), init_hyperparams(values, params))
+        return ScaleByAdadeltaState(
+            zeros_slots(params, state_dtype), zeros_slots(params, state_dtype), init_hyperparams(values, params)
+        )
 
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
@@ -275,7 +288,11 @@ def _adam_array(g, m, v, vhat, beta_1, beta_2, epsilon, bias_correction):
 
 
 def scale_by_adam(
-    beta_1: float = 0.9, beta_2: float = 0.999, epsilon: float = 1e-7, amsgrad: bool = False
+    beta_1: float = 0.9,
+    beta_2: float = 0.999,
+    epsilon: float = 1e-7,
+    amsgrad: bool = False,
+    state_dtype: Any = None,
 ) -> GradientTransformation:
     """Adam's scaling (Keras 2), bias correction folded into the step size.
 
@@ -292,12 +309,17 @@ def scale_by_adam(
         >>> adam = kopt.chain(kopt.scale_by_adam(amsgrad=True), kopt.scale_by_learning_rate(1e-3))
     """
     values = _checked(beta_1=beta_1, beta_2=beta_2, epsilon=epsilon)
+    state_dtype = check_state_dtype(state_dtype)
     amsgrad = check_bool("amsgrad", amsgrad)
 
     def init(params):
-        vhat = zeros_slots(params) if amsgrad else None
+        vhat = zeros_slots(params, state_dtype) if amsgrad else None
         return ScaleByAdamState(
-            _zero_count(), zeros_slots(params), zeros_slots(params), vhat, init_hyperparams(values, params)
+            _zero_count(),
+            zeros_slots(params, state_dtype),
+            zeros_slots(params, state_dtype),
+            vhat,
+            init_hyperparams(values, params),
         )
 
     def update(updates, state, params=None, **extra_args):
@@ -331,7 +353,9 @@ def _adamax_array(g, m, u, beta_1, beta_2, epsilon, bias_correction):
     return bias_correction * m / (u + epsilon), m, u
 
 
-def scale_by_adamax(beta_1: float = 0.9, beta_2: float = 0.999, epsilon: float = 1e-7) -> GradientTransformation:
+def scale_by_adamax(
+    beta_1: float = 0.9, beta_2: float = 0.999, epsilon: float = 1e-7, state_dtype: Any = None
+) -> GradientTransformation:
     """Adamax's scaling (Keras 2): Adam with an infinity norm.
 
     ``m <- beta_1*m + (1-beta_1)*g``; ``u <- max(beta_2*u, |g|)``; output
@@ -344,10 +368,14 @@ def scale_by_adamax(beta_1: float = 0.9, beta_2: float = 0.999, epsilon: float =
         >>> adamax = kopt.chain(kopt.scale_by_adamax(), kopt.scale_by_learning_rate(2e-3))
     """
     values = _checked(beta_1=beta_1, beta_2=beta_2, epsilon=epsilon)
+    state_dtype = check_state_dtype(state_dtype)
 
     def init(params):
         return ScaleByAdamaxState(
-            _zero_count(), zeros_slots(params), zeros_slots(params), init_hyperparams(values, params)
+            _zero_count(),
+            zeros_slots(params, state_dtype),
+            zeros_slots(params, state_dtype),
+            init_hyperparams(values, params),
         )
 
     def update(updates, state, params=None, **extra_args):
@@ -396,7 +424,11 @@ def _nadam_array(g, m, v, beta_1, beta_2, epsilon, s: _NadamScalars):
 
 
 def scale_by_nadam(
-    beta_1: float = 0.9, beta_2: float = 0.999, epsilon: float = 1e-7, schedule_decay: float = 0.004
+    beta_1: float = 0.9,
+    beta_2: float = 0.999,
+    epsilon: float = 1e-7,
+    schedule_decay: float = 0.004,
+    state_dtype: Any = None,
 ) -> GradientTransformation:
     """Nadam's scaling (Keras 2), with its momentum schedule.
 
@@ -416,11 +448,16 @@ def scale_by_nadam(
         >>> nadam = kopt.chain(kopt.scale_by_nadam(), kopt.scale_by_learning_rate(2e-3))
     """
     values = _checked(beta_1=beta_1, beta_2=beta_2, epsilon=epsilon, schedule_decay=schedule_decay)
+    state_dtype = check_state_dtype(state_dtype)
 
     def init(params):
         m_schedule = jnp.ones((), hyperparam_dtype(params))
         return ScaleByNadamState(
-            _zero_count(), zeros_slots(params), zeros_slots(params), m_schedule, init_hyperparams(values, params)
+            _zero_count(),
+            zeros_slots(params, state_dtype),
+            zeros_slots(params, state_dtype),
+            m_schedule,
+            init_hyperparams(values, params),
         )
 
     def update(updates, state, params=None, **extra_args):
@@ -439,3 +476,43 @@ def scale_by_nadam(
         return updates, ScaleByNadamState(_increment(state.count), m, v, m_schedule_new, hp)
 
     return GradientTransformation(init, update)
+
+
+# --------------------------------------------------------------------------- weight decay
+
+
+class AddDecayedWeightsState(NamedTuple):
+    hyperparams: HyperParams
+
+
+def _add_decayed_weights(rate: float) -> GradientTransformation:
+    values = {"weight_decay": check_hyperparam("weight_decay", rate)}
+
+    def init(params):
+        return AddDecayedWeightsState(init_hyperparams(values, params))
+
+    def update(updates, state, params=None, **extra_args):
+        del extra_args
+        if params is None:
+            raise ValueError("add_decayed_weights needs the params: call update(updates, state, params)")
+        weight_decay = state.hyperparams["weight_decay"]
+        updates, _ = map_arrays(lambda g, p: (g + weight_decay * p, p), updates, params)
+        return updates, state
+
+    return GradientTransformation(init, update)
+
+
+def add_decayed_weights(rate: float, mask=None) -> GradientTransformation:
+    """Decoupled weight decay: ``g <- g + weight_decay * p``.
+
+    Placed before :func:`scale_by_learning_rate`, the step gains
+    ``-lr_i * weight_decay * p`` (as in AdamW). ``rate`` is held in the state
+    as ``weight_decay``. ``mask`` (a pytree of bools or a function of params,
+    see :func:`~kopt.masked`) limits the decay to some leaves, e.g. not biases.
+
+    Example:
+        >>> import kopt
+        >>> decay = kopt.add_decayed_weights(1e-4, mask=lambda p: {k: k != "b" for k in p})
+    """
+    transform = _add_decayed_weights(rate)
+    return transform if mask is None else masked(transform, mask)

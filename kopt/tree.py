@@ -40,13 +40,24 @@ def hyperparam_dtype(params: Params) -> jnp.dtype:
     return dtype
 
 
-def zeros_slots(params: Params) -> Updates:
+def zeros_slots(params: Params, dtype: Any = None) -> Updates:
     """A zero-filled slot for every array of ``params`` (``None`` stays ``None``).
 
-    ``zeros_like`` keeps each parameter's sharding, so slots live where their
-    parameters do.
+    Each slot has ``dtype`` if given (a ``state_dtype``), else :func:`slot_dtype`
+    of its parameter. ``zeros_like`` keeps each parameter's sharding, so slots
+    live where their parameters do.
     """
-    return jax.tree.map(lambda p: jnp.zeros_like(p, dtype=slot_dtype(jnp.result_type(p))), params)
+    return jax.tree.map(lambda p: jnp.zeros_like(p, dtype=dtype or slot_dtype(jnp.result_type(p))), params)
+
+
+def select(pred: jax.Array, on_true: Any, on_false: Any) -> Any:
+    """``on_true`` if the scalar ``pred`` else ``on_false``, leaf by leaf (``None`` leaves stay)."""
+    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
+
+
+def all_finite(tree: Any) -> jax.Array:
+    """Whether every element of every leaf of ``tree`` is finite (a scalar bool)."""
+    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)], dtype=bool))
 
 
 def _structure_error(what: str, tree: Any, expected: Any) -> ValueError:

@@ -12,6 +12,7 @@ import numbers
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -66,6 +67,8 @@ RANGES: dict[str, Range] = {
     "min_scale": NON_NEGATIVE,
     "slow_step_size": Range(0.0, 1.0, low_inclusive=False),
     "ema_decay": Range(0.0, 1.0, high_inclusive=False),
+    "patience": NON_NEGATIVE,
+    "cooldown": NON_NEGATIVE,
 }
 
 
@@ -112,6 +115,19 @@ def check_count(name: str, value: Any, *, minimum: int = 1) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
     return int(value)
+
+
+def check_state_dtype(value: Any) -> np.dtype | None:
+    """``state_dtype``: ``None`` (each slot follows its param) or a floating dtype."""
+    if value is None:
+        return None
+    try:
+        dtype = jnp.dtype(value)
+    except TypeError:
+        raise ValueError(f"state_dtype must be None or a floating dtype, got {value!r}") from None
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"state_dtype must be None or a floating dtype (e.g. 'bfloat16', 'float32'), got {dtype}")
+    return dtype
 
 
 def check_bool(name: str, value: Any) -> bool:
