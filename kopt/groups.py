@@ -114,8 +114,8 @@ def partition(transforms: Mapping[Hashable, GradientTransformation], labels: Lab
         unknown = {lab for lab in jax.tree.leaves(resolved)} - transforms.keys()
         if unknown:
             raise ValueError(
-                f"partition: labels {sorted(map(repr, unknown))} have no transform; "
-                f"known: {sorted(map(repr, transforms))}"
+                f"partition: labels [{', '.join(sorted(map(repr, unknown)))}] have no transform; "
+                f"known: [{', '.join(sorted(map(repr, transforms)))}]"
             )
         return resolved
 

@@ -17,7 +17,7 @@ from tests import reference
 
 STEPS = 12
 
-# (test name, optimizer, constructor arguments, gradient scale). Every optimizer
+# (test name, optimizer, constructor arguments, gradient scale). Every optimizer (and kopt's AdamW)
 # and every documented option; scale 1e-8 makes epsilon dominate the denominators.
 CASES = [
     ("sgd", "SGD", {}, 1.0),
@@ -45,6 +45,8 @@ CASES = [
     ("adam_tiny", "Adam", {}, 1e-8),
     ("adam_amsgrad_tiny", "Adam", {"amsgrad": True, "decay": 0.01}, 1e-8),
     ("adam_clipnorm_clipvalue", "Adam", {"clipnorm": 3.0, "clipvalue": 0.5}, 1.0),
+    ("adamw", "AdamW", {"lr": 0.01, "weight_decay": 0.1}, 1.0),
+    ("adamw_options", "AdamW", {"lr": 0.01, "decay": 0.1, "amsgrad": True, "weight_decay": 0.05, "clipnorm": 2.0}, 1.0),
     ("adamax", "Adamax", {}, 1.0),
     ("adamax_options", "Adamax", {"lr": 0.01, "beta_1": 0.7, "beta_2": 0.9, "decay": 0.2}, 1.0),
     ("adamax_tiny", "Adamax", {}, 1e-8),
@@ -60,6 +62,7 @@ SLOTS = {
     "Adagrad": ("accumulator",),
     "Adadelta": ("accumulator", "delta_accumulator"),
     "Adam": ("m", "v"),
+    "AdamW": ("m", "v"),
     "Adamax": ("m", "u"),
     "Nadam": ("m", "v"),
 }

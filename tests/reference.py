@@ -23,7 +23,7 @@ import numpy as np
 if int(np.__version__.split(".")[0]) < 2:  # NumPy 1 would promote float32 scalar arithmetic to float64
     raise ImportError("tests/reference.py relies on NumPy >= 2 (NEP 50) promotion rules")
 
-__all__ = ["SGD", "RMSprop", "Adagrad", "Adadelta", "Adam", "Adamax", "Nadam", "make"]
+__all__ = ["SGD", "RMSprop", "Adagrad", "Adadelta", "Adam", "AdamW", "Adamax", "Nadam", "make"]
 
 
 class _Optimizer:
@@ -215,6 +215,21 @@ class Adam(_Optimizer):
         return p_new, new
 
 
+class AdamW(Adam):
+    """kopt's AdamW (issue 4): Adam plus ``- lr_i * weight_decay * p`` with the decayed, uncorrected lr."""
+
+    def __init__(self, *args, weight_decay=0.004, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.weight_decay = self.dtype(weight_decay)
+
+    def _scalars(self, i, lr_i):
+        return {**super()._scalars(i, lr_i), "lr_i": lr_i}
+
+    def _leaf(self, p, g, slots, c):
+        p_adam, new = super()._leaf(p, g, slots, c)
+        return p_adam - c["lr_i"] * self.weight_decay * p, new
+
+
 class Adamax(_Optimizer):
     """§7. Infinity-norm variant; epsilon added to u."""
 
@@ -291,7 +306,7 @@ class Nadam(_Optimizer):
         return p_new, {"m": m, "v": v}
 
 
-_CLASSES = {cls.__name__.lower(): cls for cls in (SGD, RMSprop, Adagrad, Adadelta, Adam, Adamax, Nadam)}
+_CLASSES = {cls.__name__.lower(): cls for cls in (SGD, RMSprop, Adagrad, Adadelta, Adam, AdamW, Adamax, Nadam)}
 
 
 def make(name: str, dtype=np.float32, **config) -> _Optimizer:
