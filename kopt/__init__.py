@@ -5,8 +5,10 @@ The public API is exactly what this module names; everything else is private.
 
 from kopt.averaging import EmaParamsState, LookaheadState, ema_params, lookahead
 from kopt.base import EmptyState, GradientTransformation, apply_updates, chain, identity
+from kopt.checkpoint import CheckpointCorruptedError, load_state, read_checkpoint_header, save_state
 from kopt.clipping import ClipState, clip_by_global_norm, clip_by_norm, clip_by_value
 from kopt.groups import MaskedState, PartitionState, masked, partition
+from kopt.keras_weights import from_keras_weights, to_keras_weights
 from kopt.optimizers import SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, Nadam, Optimizer, RMSprop
 from kopt.plateau import ReduceOnPlateauState, reduce_on_plateau
 from kopt.schedules import (
@@ -21,7 +23,7 @@ from kopt.schedules import (
     polynomial_decay,
 )
 from kopt.serialization import deserialize, get, serialize
-from kopt.state import get_hyperparams, get_slot, iterations, set_hyperparams, slot_names
+from kopt.state import get_hyperparams, get_slot, iterations, set_hyperparams, set_slot, slot_names
 from kopt.transforms import (
     AddDecayedWeightsState,
     ScaleByAdadeltaState,
@@ -102,8 +104,16 @@ __all__ = [
     "get_hyperparams",
     "set_hyperparams",
     "get_slot",
+    "set_slot",
     "slot_names",
     "iterations",
+    # checkpoints and Keras weights
+    "save_state",
+    "load_state",
+    "read_checkpoint_header",
+    "CheckpointCorruptedError",
+    "from_keras_weights",
+    "to_keras_weights",
     # state types
     "ClipState",
     "ScaleByLearningRateState",

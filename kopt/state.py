@@ -24,7 +24,7 @@ changes the state's structure: a jitted train step is not traced again.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -75,6 +75,22 @@ def _fields_of(state: OptState, kind: str) -> Iterator[tuple[str, str, Any]]:
                     yield f"{path}.{name}", name, getattr(named, name)
 
 
+def _rebuild(state: OptState, edit: Callable[[Any], dict[str, Any]]) -> OptState:
+    """``state`` rebuilt with ``node._replace(**edit(node))`` applied to every NamedTuple state in it."""
+
+    def visit(node: Any) -> Any:
+        if isinstance(node, tuple) and hasattr(node, "_fields"):
+            changes = {f: visit(getattr(node, f)) for f in _INNER_FIELDS if f in node._fields}
+            return node._replace(**changes, **edit(node))
+        if isinstance(node, (tuple, list)):
+            return type(node)(visit(member) for member in node)
+        if isinstance(node, Mapping):
+            return type(node)({key: visit(member) for key, member in node.items()})
+        return node
+
+    return visit(state)
+
+
 def get_hyperparams(state: OptState) -> dict[str, jax.Array]:
     """All hyperparameters held in ``state``, by name, as scalar arrays.
 
@@ -117,23 +133,16 @@ def set_hyperparams(state: OptState, **values: Any) -> OptState:
                 f"{name} must have shape {jnp.shape(known[name])}, got an array of shape {jnp.shape(value)}"
             )
 
-    def replace(node: Any) -> Any:
-        if isinstance(node, tuple) and hasattr(node, "_fields"):
-            changes = {f: replace(getattr(node, f)) for f in _INNER_FIELDS if f in node._fields}
-            hyperparams = getattr(node, "hyperparams", None)
-            if isinstance(hyperparams, Mapping):
-                new = dict(hyperparams)
-                for name in new.keys() & values.keys():
-                    new[name] = jnp.asarray(values[name], dtype=jnp.result_type(new[name]))
-                changes["hyperparams"] = new
-            return node._replace(**changes)
-        if isinstance(node, (tuple, list)):
-            return type(node)(replace(member) for member in node)
-        if isinstance(node, Mapping):
-            return type(node)({key: replace(member) for key, member in node.items()})
-        return node
+    def edit(node: Any) -> dict[str, Any]:
+        hyperparams = getattr(node, "hyperparams", None)
+        if not isinstance(hyperparams, Mapping) or not hyperparams.keys() & values.keys():
+            return {}
+        new = dict(hyperparams)
+        for name in new.keys() & values.keys():
+            new[name] = jnp.asarray(values[name], dtype=jnp.result_type(new[name]))
+        return {"hyperparams": new}
 
-    return replace(state)
+    return _rebuild(state, edit)
 
 
 def get_slot(state: OptState, name: str) -> Any:
@@ -150,6 +159,43 @@ def get_slot(state: OptState, name: str) -> Any:
     if len(found) > 1:
         raise ValueError(f"slot {name!r} is ambiguous: it is held at {', '.join(p for p, _ in found)}")
     return found[0][1]
+
+
+def set_slot(state: OptState, name: str, value: Any) -> OptState:
+    """Returns ``state`` with the slot called ``name`` replaced by ``value``.
+
+    ``value`` has the structure and leaf shapes of the slot it replaces (see
+    :func:`get_slot`); each leaf is cast to the old leaf's dtype and, outside
+    ``jit``, placed on the old leaf's sharding, so a jitted step is not traced
+    again. ``name="count"`` sets every step counter of the state. ``ValueError``
+    for an unknown or ambiguous name, or a different structure or shape.
+
+    Example:
+        >>> state = kopt.set_slot(state, "count", 1000)   # doctest: +SKIP
+    """
+    places = [path for path, field, _ in _fields_of(state, "slot") if field == name]
+    if not places:
+        raise ValueError(f"no slot named {name!r} in this state; available: {slot_names(state)}")
+    if len(places) > 1 and name != "count":
+        raise ValueError(f"slot {name!r} is ambiguous: it is held at {', '.join(places)}")
+
+    def cast(new: Any, old: Any) -> Any:
+        if jnp.shape(new) != jnp.shape(old):
+            raise ValueError(f"slot {name!r}: a leaf of shape {jnp.shape(new)} cannot replace one of {jnp.shape(old)}")
+        new = jnp.asarray(new, dtype=jnp.result_type(old))
+        if isinstance(old, jax.Array) and is_concrete(old):
+            new = jax.device_put(new, old.sharding)
+        return new
+
+    def edit(node: Any) -> dict[str, Any]:
+        if name not in node._fields or name in (*_INNER_FIELDS, "hyperparams"):
+            return {}
+        old = getattr(node, name)
+        if jax.tree.structure(value) != jax.tree.structure(old):
+            raise ValueError(f"slot {name!r} has structure {jax.tree.structure(old)}, got {jax.tree.structure(value)}")
+        return {name: jax.tree.map(cast, value, old)}
+
+    return _rebuild(state, edit)
 
 
 def slot_names(state: OptState) -> list[str]:

@@ -67,11 +67,8 @@ def test_identity_and_empty_state():
 
 
 def test_chain_forwards_extra_args_only_to_transforms_that_take_them():
-    seen = {}
-
     def needs_value(updates, state, params=None, *, value):
-        seen["value"] = value
-        return updates, state
+        return jax.tree.map(lambda u: value * u, updates), state
 
     takes_value = kopt.GradientTransformation(lambda params: kopt.EmptyState(), needs_value)
     # optax.scale's update takes no extra keyword: it must not receive `value`.
@@ -79,9 +76,22 @@ def test_chain_forwards_extra_args_only_to_transforms_that_take_them():
     params = tree()
     state = opt.init(params)
     updates, _ = opt.update(grads_for(params, 0), state, params, value=3.0)
-    assert seen["value"] == 3.0
     expected, _ = kopt.Adam().update(grads_for(params, 0), kopt.Adam().init(params), params)
-    chex.assert_trees_all_close(updates, jax.tree.map(lambda u: 2 * u, expected))
+    chex.assert_trees_all_close(updates, jax.tree.map(lambda u: 6 * u, expected))
+
+
+def test_eager_update_compiles_once_and_matches_op_by_op():
+    opt = kopt.Adam(clipnorm=1.0)
+    params = tree()
+    state = opt.init(params)
+    with jax.disable_jit():
+        expected, _ = opt.update(grads_for(params, 0), state, params)
+    with jax.log_compiles():
+        updates, state = opt.update(grads_for(params, 0), state, params)
+    chex.assert_trees_all_close(updates, expected, rtol=1e-6)
+    assert opt.update.__wrapped__ is not None  # the eager path goes through one cached jit
+    traced = jax.jit(lambda g, s, p: opt.update(g, s, p))(grads_for(params, 1), state, params)
+    chex.assert_trees_all_equal_shapes_and_dtypes(traced[1], state)
 
 
 def test_chain_rejects_non_transformations():

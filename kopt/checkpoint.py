@@ -1,0 +1,445 @@
+"""Checkpoints of optimizer states: a safe file format, atomic writes, checked loads.
+
+:func:`save_state` writes any pytree of arrays (an optimizer state, or
+``{"params": params, "opt_state": state}``) to one file; :func:`load_state`
+reads it back into the structure, dtypes and shardings of a ``like`` tree:
+
+    >>> import jax.numpy as jnp, kopt
+    >>> from kopt.checkpoint import load_state, save_state
+    >>> opt = kopt.Adam(lr=1e-3)
+    >>> state = opt.init({"w": jnp.zeros(3)})
+    >>> save_state("/tmp/adam.ckpt", state, config=kopt.serialize(opt))   # doctest: +SKIP
+    >>> state = load_state("/tmp/adam.ckpt", like=opt.init({"w": jnp.zeros(3)}))  # doctest: +SKIP
+
+**Format** (``format_version`` 1). The file is a NumPy ``.npz`` (an
+uncompressed zip written by ``np.savez``) with the members
+
+* ``header``: a uint8 array holding a UTF-8 JSON object::
+
+      {"format": "kopt-checkpoint", "format_version": 1, "kopt_version": "0.1.0",
+       "config": {"class_name": "Adam", "config": {...}} or null,
+       "leaves": [{"path": "[0].m['w']", "shape": [3], "dtype": "float32", "stored_as": "float32"}, ...],
+       "sha256": "<64 hex digits>"}
+
+* ``leaf_0`` ... ``leaf_{n-1}``: the leaves, in the order of
+  ``jax.tree_util.tree_flatten_with_path(state)``; ``path`` is that leaf's
+  ``jax.tree_util.keystr``. ``None`` leaves are not leaves (they hold no
+  data); they come back from ``like``.
+
+Dtypes NumPy cannot store natively (``bfloat16``, the float8 types, ...) are
+stored as unsigned integers of the same width (``stored_as``, e.g.
+``"uint16"``) and viewed back, so every bit survives. ``sha256`` covers, leaf
+after leaf, the path, dtype, shape and stored bytes. Loading uses
+``np.load(allow_pickle=False)`` and ``json``: reading a file never runs code.
+
+**Atomic writes.** The file is written to a temporary file in the same folder
+(``.<name>.<random>.tmp``), flushed and ``fsync``-ed, renamed over ``path``
+with ``os.replace`` and the folder is ``fsync``-ed, so ``path`` always holds
+either the previous checkpoint or the new one, never a mix. A writer killed
+mid-write leaves its temporary file behind (never ``path`` itself).
+
+Arrays are read with ``np.asarray``: sharded arrays must be fully addressable
+by this process (single-host); multi-host checkpoints are out of scope.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import math
+import os
+import secrets
+from collections.abc import Callable, Mapping
+from typing import IO, Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+FORMAT = "kopt-checkpoint"
+FORMAT_VERSION = 1
+_HEADER = "header"
+
+__all__ = ["CheckpointCorruptedError", "load_state", "read_checkpoint_header", "save_state"]
+
+
+class CheckpointCorruptedError(ValueError):
+    """The file is not a readable kopt checkpoint: truncated, damaged, or something else entirely."""
+
+
+# --------------------------------------------------------------------------- dtypes
+
+
+def _resolve_dtype(name: str) -> np.dtype:
+    """The numeric dtype called ``name``: a NumPy builtin or an ``ml_dtypes`` scalar type.
+
+    Names come from a file, so they are looked up, never evaluated, and only
+    plain numeric dtypes pass (an object dtype here would let raw bytes become
+    Python pointers). Raises ``TypeError`` for anything else.
+    """
+    candidate = getattr(ml_dtypes, name, None)
+    if isinstance(candidate, type) and issubclass(candidate, np.generic):
+        dtype = np.dtype(candidate)
+        if dtype.kind == "V" and not dtype.hasobject and dtype.names is None and dtype.itemsize in (1, 2, 4, 8):
+            return dtype
+    dtype = np.dtype(name)  # TypeError for names NumPy does not know
+    if dtype.kind not in "biufc" or dtype.name != name:
+        raise TypeError(f"not a numeric dtype name: {name!r}")
+    return dtype
+
+
+def _storage_dtype(dtype: np.dtype) -> np.dtype:
+    """How a leaf of ``dtype`` is stored: natively, or as raw unsigned integers of its width.
+
+    NumPy's ``.npy`` format has no code for the ``ml_dtypes`` types (bfloat16,
+    float8, int4 ...): it would store them as opaque ``void`` data that
+    ``allow_pickle=False`` loading cannot turn back into numbers.
+    """
+    if dtype.kind in "biufc":
+        return dtype
+    return np.dtype(f"uint{8 * dtype.itemsize}")
+
+
+def _dtype_of(leaf: Any) -> np.dtype:
+    dtype = getattr(leaf, "dtype", None)
+    return np.dtype(dtype) if dtype is not None else np.asarray(leaf).dtype
+
+
+# --------------------------------------------------------------------------- checksum
+
+
+def _digest(records: list[dict[str, Any]], stored: list[np.ndarray]) -> str:
+    """SHA-256 over each leaf's path, dtype, shape and stored bytes, length-prefixed (no ambiguity)."""
+    sha = hashlib.sha256()
+    for record, array in zip(records, stored, strict=True):
+        meta = json.dumps([record["path"], record["dtype"], record["shape"]]).encode()
+        data = np.asarray(array, order="C")  # (ascontiguousarray would make 0-d arrays 1-d)
+        sha.update(len(meta).to_bytes(8, "little"))
+        sha.update(meta)
+        sha.update(data.nbytes.to_bytes(8, "little"))
+        sha.update(data)
+    return sha.hexdigest()
+
+
+# --------------------------------------------------------------------------- config
+
+
+def _normalized_config(config: Any) -> dict[str, Any] | None:
+    """``config`` (a :func:`kopt.serialize` dict, or an optimizer) as plain JSON data."""
+    if config is None:
+        return None
+    from kopt.optimizers import Optimizer  # kopt.optimizers does not import this module: no cycle
+    from kopt.serialization import serialize
+
+    if isinstance(config, Optimizer):
+        config = serialize(config)
+    if not isinstance(config, Mapping):
+        raise ValueError(f"config must be a dict from kopt.serialize(opt) or a kopt optimizer, got {config!r}")
+    try:
+        return json.loads(json.dumps(config, allow_nan=False))
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"config must hold only JSON values (numbers, bools, strings): {error}") from None
+
+
+def _first_config_difference(stored: Any, given: Any, where: str = "config") -> str | None:
+    if isinstance(stored, dict) and isinstance(given, dict):
+        for key in list(given) + [k for k in stored if k not in given]:
+            if key not in stored:
+                return f"{where}[{key!r}] is {given[key]!r} in the given config but absent from the file"
+            if key not in given:
+                return f"{where}[{key!r}] is {stored[key]!r} in the file but absent from the given config"
+            difference = _first_config_difference(stored[key], given[key], f"{where}[{key!r}]")
+            if difference:
+                return difference
+        return None
+    if stored != given or isinstance(stored, bool) != isinstance(given, bool):
+        return f"{where} is {stored!r} in the file but {given!r} in the given config"
+    return None
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
+    """Writes ``path`` through a temporary file in its folder: flush, fsync, ``os.replace``, fsync the folder."""
+    directory = os.path.dirname(os.path.abspath(path))
+    for _ in range(100):
+        temporary = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(8)}.tmp")
+        try:
+            # O_EXCL: never reuse someone else's file; mode 0o666 lets the umask decide, as open() would.
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+            break
+        except FileExistsError:
+            continue
+    else:  # pragma: no cover - 100 collisions of 64 random bits
+        raise FileExistsError(f"could not create a temporary file next to {path}")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    _fsync_directory(directory)
+
+
+def _fsync_directory(directory: str) -> None:
+    """Makes the rename durable: the folder entry itself must reach the disk (POSIX only)."""
+    if os.name != "posix":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as error:  # some filesystems cannot fsync a folder; the rename is still atomic
+        if error.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def save_state(path: str | os.PathLike[str], state: Any, *, config: Any = None) -> None:
+    """Writes ``state`` (any pytree of arrays) to ``path`` atomically.
+
+    ``path`` is used as given (no ``.npz`` is appended) and replaced if it
+    exists. ``config`` (optional) is the optimizer's ``kopt.serialize(opt)``
+    dict, or the optimizer itself; it is stored in the header, where
+    :func:`read_checkpoint_header` and ``load_state(..., config=...)`` find
+    it. Leaves may be JAX arrays (fetched from their devices), NumPy arrays or
+    Python numbers; ``None`` leaves are allowed. The file format is in the
+    module docstring. Raises ``ValueError`` for a leaf that is not numeric.
+
+    Example:
+        >>> opt = kopt.Adam()                                          # doctest: +SKIP
+        >>> save_state("run/opt.ckpt", opt.init(params), config=opt)   # doctest: +SKIP
+    """
+    path = os.fspath(path)
+    flat, _ = jax.tree_util.tree_flatten_with_path(state)
+    paths = [jax.tree_util.keystr(key_path) for key_path, _ in flat]
+    for leaf_path, (_, leaf) in zip(paths, flat, strict=True):
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            raise ValueError(f"leaf {leaf_path} is not fully addressable by this process (multi-host arrays)")
+    host = jax.device_get([leaf for _, leaf in flat])  # one transfer for all leaves
+    records, stored = [], []
+    for leaf_path, value in zip(paths, host, strict=True):
+        array = np.asarray(value)
+        try:
+            _resolve_dtype(array.dtype.name)
+        except TypeError:
+            raise ValueError(
+                f"leaf {leaf_path} has dtype {array.dtype}; checkpoints hold numeric arrays only"
+            ) from None
+        storage = _storage_dtype(array.dtype)
+        records.append(
+            {"path": leaf_path, "shape": list(array.shape), "dtype": array.dtype.name, "stored_as": storage.name}
+        )
+        stored.append(np.asarray(array, order="C").view(storage) if storage != array.dtype else array)
+
+    import kopt  # at call time: kopt/__init__ may import this module before defining __version__
+
+    header = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "kopt_version": kopt.__version__,
+        "config": _normalized_config(config),
+        "leaves": records,
+        "sha256": _digest(records, stored),
+    }
+    members = {_HEADER: np.frombuffer(json.dumps(header).encode(), np.uint8)}
+    members.update((f"leaf_{index}", array) for index, array in enumerate(stored))
+    _atomic_write(path, lambda file: np.savez(file, allow_pickle=False, **members))
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _corrupted(path: str, what: str) -> CheckpointCorruptedError:
+    return CheckpointCorruptedError(
+        f"{path}: not a readable kopt checkpoint ({what}); the file is truncated or damaged"
+    )
+
+
+def _parse_header(npz: Any, path: str) -> dict[str, Any]:
+    """The JSON header, checked for the fields and types this module relies on."""
+    if _HEADER not in npz.files:
+        raise _corrupted(path, "no header member")
+    raw = npz[_HEADER]
+    if raw.dtype != np.uint8 or raw.ndim != 1:
+        raise _corrupted(path, "header is not a uint8 vector")
+    header = json.loads(raw.tobytes().decode("utf-8"))
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise _corrupted(path, "header does not name the kopt-checkpoint format")
+    version = header.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
+        raise CheckpointCorruptedError(
+            f"{path}: checkpoint format_version {version!r}; this kopt reads versions 1..{FORMAT_VERSION}"
+        )
+    leaves, digest = header.get("leaves"), header.get("sha256")
+    if not isinstance(leaves, list) or not isinstance(digest, str):
+        raise _corrupted(path, "header lacks leaves or sha256")
+    for record in leaves:
+        ok = (
+            isinstance(record, dict)
+            and isinstance(record.get("path"), str)
+            and isinstance(record.get("shape"), list)
+            and all(isinstance(n, int) and n >= 0 for n in record["shape"])
+            and isinstance(record.get("dtype"), str)
+            and isinstance(record.get("stored_as"), str)
+        )
+        if not ok:
+            raise _corrupted(path, f"malformed leaf record {record!r}")
+        dtype = _resolve_dtype(record["dtype"])  # TypeError for unknown names: caught as corruption
+        if _storage_dtype(dtype).name != record["stored_as"]:
+            raise _corrupted(path, f"leaf {record['path']} stored as {record['stored_as']}, expected {dtype.name}")
+    return header
+
+
+def _first_leaf_difference(records: list[dict[str, Any]], like_flat: list) -> str | None:
+    """A sentence naming the first difference between the file's leaves and ``like``'s, or None."""
+    file_paths = [record["path"] for record in records]
+    like_paths = [jax.tree_util.keystr(key_path) for key_path, _ in like_flat]
+    if file_paths != like_paths:
+        in_file, in_like = set(file_paths), set(like_paths)
+        for index in range(max(len(file_paths), len(like_paths))):
+            mine = file_paths[index] if index < len(file_paths) else None
+            theirs = like_paths[index] if index < len(like_paths) else None
+            if mine == theirs:
+                continue
+            if theirs is not None and theirs not in in_file:
+                return f"missing leaf {theirs}: `like` has it, the file does not"
+            if mine is not None and mine not in in_like:
+                return f"extra leaf {mine}: the file has it, `like` does not"
+            return f"leaf order differs at position {index}: {mine} in the file, {theirs} in `like`"
+    for record, (_, leaf) in zip(records, like_flat, strict=True):
+        shape, dtype = tuple(np.shape(leaf)), _dtype_of(leaf)
+        if tuple(record["shape"]) != shape:
+            return f"leaf {record['path']} has shape {tuple(record['shape'])} in the file but {shape} in `like`"
+        if record["dtype"] != dtype.name:
+            return f"leaf {record['path']} has dtype {record['dtype']} in the file but {dtype.name} in `like`"
+    return None
+
+
+def _read_leaves(npz: Any, header: dict[str, Any], path: str) -> list[np.ndarray]:
+    """Every leaf, checked against its record and the checksum, in its real dtype."""
+    records = header["leaves"]
+    expected = {_HEADER} | {f"leaf_{index}" for index in range(len(records))}
+    if set(npz.files) != expected:
+        raise _corrupted(path, f"members {sorted(npz.files)} do not match the {len(records)} leaves of the header")
+    stored = []
+    for index, record in enumerate(records):
+        storage = _resolve_dtype(record["stored_as"])
+        shape = tuple(record["shape"])
+        # Refuse an oversized member before NumPy allocates the array its own (possibly damaged) header claims.
+        info = npz.zip.getinfo(f"leaf_{index}.npy")
+        nbytes = math.prod(shape) * storage.itemsize
+        if not nbytes <= info.file_size <= nbytes + 65536:
+            raise _corrupted(path, f"leaf {record['path']} has {info.file_size} bytes, expected about {nbytes}")
+        array = npz[f"leaf_{index}"]
+        if array.dtype != storage or array.shape != shape:
+            raise _corrupted(path, f"leaf {record['path']} is {array.dtype}{list(array.shape)}, header says otherwise")
+        stored.append(array)
+    if _digest(records, stored) != header["sha256"]:
+        raise _corrupted(path, "SHA-256 checksum mismatch")
+    return [
+        array.view(_resolve_dtype(record["dtype"])) if record["dtype"] != record["stored_as"] else array
+        for record, array in zip(records, stored, strict=True)
+    ]
+
+
+def _place(value: np.ndarray, like_leaf: Any) -> Any:
+    """``value`` where ``like_leaf`` lives: its sharding for JAX arrays, NumPy otherwise."""
+    if isinstance(like_leaf, jax.Array):
+        return jax.device_put(value, like_leaf.sharding)
+    if isinstance(like_leaf, jax.ShapeDtypeStruct):
+        sharding = getattr(like_leaf, "sharding", None)
+        return jnp.asarray(value) if sharding is None else jax.device_put(value, sharding)
+    return value
+
+
+def _open_npz(file: IO[bytes], path: str) -> Any:
+    try:
+        npz = np.load(file, allow_pickle=False)
+    except Exception as error:  # any parse failure of untrusted bytes means "not a checkpoint"
+        raise _corrupted(path, f"{type(error).__name__}: {error}") from error
+    if not isinstance(npz, np.lib.npyio.NpzFile):
+        raise _corrupted(path, "a single .npy array, not an .npz archive")
+    return npz
+
+
+def read_checkpoint_header(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The JSON header of the checkpoint at ``path`` (format, kopt version, config, leaves).
+
+    Reads no leaf data and verifies no checksum (:func:`load_state` does).
+    Useful to rebuild the optimizer before loading:
+    ``opt = kopt.deserialize(read_checkpoint_header(path)["config"])``.
+    Raises :class:`CheckpointCorruptedError` for an unreadable file.
+    """
+    path = os.fspath(path)
+    with open(path, "rb") as file, _open_npz(file, path) as npz:
+        try:
+            return _parse_header(npz, path)
+        except CheckpointCorruptedError:
+            raise
+        except Exception as error:  # damaged JSON, unknown dtype names, bad zip members ...
+            raise _corrupted(path, f"{type(error).__name__}: {error}") from error
+
+
+def load_state(path: str | os.PathLike[str], like: Any, *, config: Any = None) -> Any:
+    """Reads the checkpoint at ``path`` into the structure of ``like``.
+
+    ``like`` is a tree with the structure, shapes and dtypes of the saved one,
+    typically ``opt.init(params)`` (or ``jax.eval_shape(opt.init, params)``,
+    whose ``ShapeDtypeStruct`` leaves cost no memory). Each loaded leaf is a
+    ``jax.Array`` placed with ``jax.device_put(value, like_leaf.sharding)``
+    when ``like``'s leaf is a ``jax.Array`` (so a sharded state loads onto the
+    same shardings) or a ``ShapeDtypeStruct`` (its sharding, if any), and a
+    NumPy array otherwise. ``None`` leaves come from ``like``. Bits are exact.
+
+    With ``config`` (a :func:`kopt.serialize` dict or an optimizer), the
+    optimizer config stored in the file must equal it (this catches options
+    the state does not show, such as SGD's ``nesterov``). Note that the
+    hyperparameters (``lr``, ...) are part of the state, so they are the
+    saved ones.
+
+    Raises ``ValueError`` naming the first difference between file and
+    ``like`` (a missing or extra leaf path, a shape, a dtype) or config, and
+    :class:`CheckpointCorruptedError` (a ``ValueError``) for a truncated,
+    damaged or foreign file, including any checksum mismatch; it never
+    returns numbers other than those saved. A missing file is
+    ``FileNotFoundError``.
+
+    Example:
+        >>> state = load_state("run/opt.ckpt", like=opt.init(params), config=opt)  # doctest: +SKIP
+    """
+    path = os.fspath(path)
+    like_flat, treedef = jax.tree_util.tree_flatten_with_path(like)
+    given_config = _normalized_config(config)
+    with open(path, "rb") as file, _open_npz(file, path) as npz:
+        try:
+            header = _parse_header(npz, path)
+        except CheckpointCorruptedError:
+            raise
+        except Exception as error:  # damaged JSON, unknown dtype names, bad zip members ...
+            raise _corrupted(path, f"{type(error).__name__}: {error}") from error
+        difference = _first_leaf_difference(header["leaves"], like_flat)
+        if difference:
+            raise ValueError(f"checkpoint {path} does not match `like`: {difference}")
+        if given_config is not None:
+            if header.get("config") is None:
+                raise ValueError(f"checkpoint {path} holds no optimizer config to compare with the given one")
+            difference = _first_config_difference(header["config"], given_config)
+            if difference:
+                raise ValueError(f"checkpoint {path} was saved with another optimizer config: {difference}")
+        try:
+            values = _read_leaves(npz, header, path)
+        except CheckpointCorruptedError:
+            raise
+        except Exception as error:  # zip CRC errors, short reads, damaged .npy headers ...
+            raise _corrupted(path, f"{type(error).__name__}: {error}") from error
+    placed = [_place(value, leaf) for value, (_, leaf) in zip(values, like_flat, strict=True)]
+    return treedef.unflatten(placed)
