@@ -24,6 +24,7 @@ from kopt.schedules import (
 )
 from kopt.serialization import deserialize, get, serialize
 from kopt.state import get_hyperparams, get_slot, iterations, set_hyperparams, set_slot, slot_names
+from kopt.training import train_step
 from kopt.transforms import (
     AddDecayedWeightsState,
     ScaleByAdadeltaState,
@@ -107,6 +108,8 @@ __all__ = [
     "set_slot",
     "slot_names",
     "iterations",
+    # training
+    "train_step",
     # checkpoints and Keras weights
     "save_state",
     "load_state",

@@ -19,7 +19,8 @@ def _needs_params(params: Params | None, who: str) -> None:
 
 
 def _copy_params(params: Params) -> Params:
-    return jax.tree.map(lambda p: jnp.asarray(p, slot_dtype(jnp.result_type(p))), params)
+    # A real copy: a state sharing the params' buffers could not be donated with them.
+    return jax.tree.map(lambda p: jnp.array(p, slot_dtype(jnp.result_type(p)), copy=True), params)
 
 
 class LookaheadState(NamedTuple):

@@ -58,8 +58,11 @@ def reduce_on_plateau(
     def init(params: Params) -> ReduceOnPlateauState:
         dtype = hyperparam_dtype(params)
         hyperparams = init_hyperparams(floats, params) | {k: jnp.asarray(v, jnp.int32) for k, v in counts.items()}
-        zero = jnp.zeros((), jnp.int32)
-        return ReduceOnPlateauState(jnp.ones((), dtype), jnp.asarray(jnp.inf, dtype), zero, zero, hyperparams)
+        # Separate buffers for the counters: a donated state must not hold one buffer twice.
+        wait, cooldown_counter = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)
+        return ReduceOnPlateauState(
+            jnp.ones((), dtype), jnp.asarray(jnp.inf, dtype), wait, cooldown_counter, hyperparams
+        )
 
     def update(
         updates: Updates, state: ReduceOnPlateauState, params: Params | None = None, *, value: Any = None, **extra_args

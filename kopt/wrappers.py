@@ -42,8 +42,8 @@ def skip_nonfinite(inner: GradientTransformation, max_consecutive: int | None = 
     keep = accepted_extra_args(inner.update)
 
     def init(params: Params) -> SkipNonfiniteState:
-        zero = jnp.zeros((), jnp.int32)
-        return SkipNonfiniteState(inner.init(params), zero, zero)
+        # Two separate buffers: a donated state must not hold one buffer twice.
+        return SkipNonfiniteState(inner.init(params), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
 
     def update(updates: Updates, state: SkipNonfiniteState, params: Params | None = None, **extra_args):
         finite = all_finite(updates)
