@@ -18,6 +18,7 @@ import pytest
 import kopt
 from kopt.keras_weights import from_keras_weights, to_keras_weights
 from tests import reference
+from tests.matching import SLOTS
 
 SHAPES = [(3, 2), (2,), ()]  # Keras order: kernel, bias, a scalar
 N = len(SHAPES)
@@ -53,15 +54,6 @@ def keras_list(name: str, ref, amsgrad: bool = False) -> list[np.ndarray]:
     return iterations + slots["m"] + slots["v"]
 
 
-SLOTS = {
-    "SGD": ("velocity",),
-    "RMSprop": ("accumulator",),
-    "Adagrad": ("accumulator",),
-    "Adadelta": ("accumulator", "delta_accumulator"),
-    "Adam": ("m", "v"),
-    "Adamax": ("m", "u"),
-    "Nadam": ("m", "v"),
-}
 WITHOUT_ITERATIONS = ("RMSprop", "Adagrad", "Adadelta")
 
 CASES = [
