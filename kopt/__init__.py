@@ -23,6 +23,7 @@ from kopt.schedules import (
     polynomial_decay,
 )
 from kopt.serialization import deserialize, get, serialize
+from kopt.sharding import init_shardings, state_shardings
 from kopt.state import get_hyperparams, get_slot, iterations, set_hyperparams, set_slot, slot_names
 from kopt.training import train_step
 from kopt.transforms import (
@@ -110,6 +111,9 @@ __all__ = [
     "iterations",
     # training
     "train_step",
+    # sharding
+    "init_shardings",
+    "state_shardings",
     # checkpoints and Keras weights
     "save_state",
     "load_state",
