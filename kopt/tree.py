@@ -9,6 +9,10 @@ changes them and no transformation.
 
 ``None`` leaves (as Equinox's ``filter`` produces) are carried through
 untouched: they hold no slot and ``map_arrays`` never calls the math on them.
+
+The same walkers check the leaves (:func:`check_params`, :func:`check_updates`),
+so a bad leaf is a ``TypeError`` naming its path at ``init`` (params) or
+``update`` (gradients) rather than a failure deep inside JAX.
 """
 
 from __future__ import annotations
@@ -20,6 +24,65 @@ import jax
 import jax.numpy as jnp
 
 from kopt.base import Params, Updates
+
+_LEAVE_OUT = "leave it out of the optimizer's params (make it None, as eqx.filter(model, eqx.is_inexact_array) does)"
+_PARAM_HINTS = {  # by dtype kind
+    "b": f"a boolean param cannot take a fractional step: cast it to a float dtype or {_LEAVE_OUT}",
+    "i": f"an integer param cannot take a fractional step: cast it to a float dtype or {_LEAVE_OUT}",
+    "u": f"an integer param cannot take a fractional step: cast it to a float dtype or {_LEAVE_OUT}",
+    "c": f"Keras 2 has no rule for complex numbers: keep real and imaginary parts as two float leaves or {_LEAVE_OUT}",
+}
+
+
+def _dtype_of(leaf: Any) -> jnp.dtype | None:
+    """The dtype JAX gives ``leaf`` (an array or a Python number), or ``None`` if it is neither."""
+    if not (hasattr(leaf, "dtype") or isinstance(leaf, (bool, int, float, complex))):
+        return None
+    try:
+        return jnp.result_type(leaf)
+    except TypeError:  # NumPy strings, objects ...
+        return None
+
+
+def _path(tree: Any, index: int) -> str:
+    return jax.tree_util.keystr(jax.tree_util.tree_flatten_with_path(tree)[0][index][0])
+
+
+def _what(leaf: Any) -> str:
+    return f"has dtype {leaf.dtype}" if hasattr(leaf, "dtype") else f"is of type {type(leaf).__name__}"
+
+
+def check_params(params: Params) -> list[jnp.dtype]:
+    """The dtype of every leaf of ``params``, or a ``TypeError`` naming the first leaf that is
+    not a real floating-point array (Python floats count as one).
+    """
+    dtypes = []
+    for index, leaf in enumerate(jax.tree.leaves(params)):
+        dtype = _dtype_of(leaf)
+        if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+            hint = _PARAM_HINTS.get(getattr(dtype, "kind", None), f"convert it to a float array or {_LEAVE_OUT}")
+            raise TypeError(
+                f"params{_path(params, index)} {_what(leaf)}, but params must be real floating-point arrays "
+                f"(float32, float64, bfloat16, float16) or Python floats; {hint}"
+            )
+        dtypes.append(dtype)
+    return dtypes
+
+
+def check_updates(updates: Updates) -> list[jnp.dtype]:
+    """The dtype of every leaf of ``updates``, or a ``TypeError`` naming the first leaf that is
+    not a real number array (floating, or integer: integers are cast to the math dtype).
+    """
+    dtypes = []
+    for index, leaf in enumerate(jax.tree.leaves(updates)):
+        dtype = _dtype_of(leaf)
+        if dtype is None or not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+            raise TypeError(
+                f"updates{_path(updates, index)} {_what(leaf)}, but gradients must be real floating-point "
+                "arrays (integer ones are accepted and cast), one per param leaf given to init"
+            )
+        dtypes.append(dtype)
+    return dtypes
 
 
 def slot_dtype(dtype: Any) -> jnp.dtype:
@@ -35,8 +98,8 @@ def slot_dtype(dtype: Any) -> jnp.dtype:
 def hyperparam_dtype(params: Params) -> jnp.dtype:
     """The dtype of the scalar hyperparameters for ``params``: their widest slot dtype."""
     dtype = jnp.dtype(jnp.float32)
-    for leaf in jax.tree.leaves(params):
-        dtype = jnp.promote_types(dtype, slot_dtype(jnp.result_type(leaf)))
+    for leaf_dtype in check_params(params):
+        dtype = jnp.promote_types(dtype, slot_dtype(leaf_dtype))
     return dtype
 
 
@@ -47,6 +110,7 @@ def zeros_slots(params: Params, dtype: Any = None) -> Updates:
     of its parameter. ``zeros_like`` keeps each parameter's sharding, so slots
     live where their parameters do.
     """
+    check_params(params)
     return jax.tree.map(lambda p: jnp.zeros_like(p, dtype=dtype or slot_dtype(jnp.result_type(p))), params)
 
 
@@ -56,7 +120,8 @@ def select(pred: jax.Array, on_true: Any, on_false: Any) -> Any:
 
 
 def all_finite(tree: Any) -> jax.Array:
-    """Whether every element of every leaf of ``tree`` is finite (a scalar bool)."""
+    """Whether every element of every leaf of ``tree`` (updates) is finite (a scalar bool)."""
+    check_updates(tree)
     return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)], dtype=bool))
 
 
@@ -76,9 +141,11 @@ def map_arrays(fn: Callable[..., tuple], updates: Updates, *slots: Updates | Non
     ``g`` arrives in its slot dtype (at least float32). Each new slot is cast
     back to its old dtype, so the state's dtypes never change between steps.
     Returns ``(new_updates, *new_slots)``; a tree or leaf shape that differs
-    from the slots' is a ``ValueError``.
+    from the slots' is a ``ValueError``, a leaf that is not a real number
+    array a ``TypeError`` (:func:`check_updates`).
     """
     leaves, treedef = jax.tree.flatten(updates)
+    dtypes = check_updates(updates)
     per_slot = []
     for slot in slots:
         if slot is None:
@@ -91,15 +158,15 @@ def map_arrays(fn: Callable[..., tuple], updates: Updates, *slots: Updates | Non
 
     for index, (g, *arrays) in enumerate(zip(leaves, *per_slot, strict=True)):
         if any(array is not None and jnp.shape(g) != jnp.shape(array) for array in arrays):
-            path = jax.tree_util.keystr(jax.tree_util.tree_flatten_with_path(updates)[0][index][0])
             shape = next(jnp.shape(a) for a in arrays if a is not None)
             raise ValueError(
-                f"updates{path} has shape {jnp.shape(g)}, but its slot (from the param given to init) has shape {shape}"
+                f"updates{_path(updates, index)} has shape {jnp.shape(g)}, "
+                f"but its slot (from the param given to init) has shape {shape}"
             )
     # The math runs in the slot dtype (>= float32) even for bfloat16 gradients.
     outputs = [
-        fn(jnp.asarray(g, slot_dtype(jnp.result_type(g))), *arrays)
-        for g, *arrays in zip(leaves, *per_slot, strict=True)
+        fn(jnp.asarray(g, slot_dtype(dtype)), *arrays)
+        for g, dtype, *arrays in zip(leaves, dtypes, *per_slot, strict=True)
     ]
     new_updates = treedef.unflatten([out[0] for out in outputs])
     new_slots = []
@@ -107,14 +174,15 @@ def map_arrays(fn: Callable[..., tuple], updates: Updates, *slots: Updates | Non
         if slot is None:
             new_slots.append(None)
             continue
-        new = [out[index].astype(o.dtype) for out, o in zip(outputs, old, strict=True)]
+        new = [jnp.asarray(out[index], jnp.result_type(o)) for out, o in zip(outputs, old, strict=True)]
         new_slots.append(treedef.unflatten(new))
     return (new_updates, *new_slots)
 
 
 def sum_of_squares(updates: Updates, dtype: Any) -> jax.Array:
     """``sum over leaves of sum(g**2)``, accumulated in ``dtype`` leaf after leaf."""
+    check_updates(updates)
     total = jnp.zeros((), dtype)
     for leaf in jax.tree.leaves(updates):
-        total = total + jnp.sum(jnp.square(leaf.astype(dtype)))
+        total = total + jnp.sum(jnp.square(jnp.asarray(leaf, dtype)))
     return total
