@@ -226,10 +226,10 @@ class ScaleByAdadeltaState(NamedTuple):
     hyperparams: HyperParams
 
 
-def _adadelta_array(g, accumulator, delta_accumulator, rho, epsilon):
-    accumulator = rho * accumulator + (1 - rho) * jnp.square(g)
+def _adadelta_array(g, accumulator, delta_accumulator, rho, one_minus_rho, epsilon):
+    accumulator = rho * accumulator + one_minus_rho * jnp.square(g)
     step = g * jnp.sqrt(delta_accumulator + epsilon) / jnp.sqrt(accumulator + epsilon)
-    delta_accumulator = rho * delta_accumulator + (1 - rho) * jnp.square(step)
+    delta_accumulator = rho * delta_accumulator + one_minus_rho * jnp.square(step)
     return step, accumulator, delta_accumulator
 
 
@@ -256,8 +256,13 @@ def scale_by_adadelta(rho: float = 0.95, epsilon: float = 1e-7, state_dtype: Any
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
         rho, epsilon = state.hyperparams["rho"], state.hyperparams["epsilon"]
+        # Keras keeps Adadelta's rho as a Python number, so its 1 - rho is formed in
+        # double precision before rounding; while rho is the constructor's value, use that.
+        one_minus_rho = jnp.where(
+            rho == jnp.asarray(values["rho"], rho.dtype), jnp.asarray(1 - values["rho"], rho.dtype), 1 - rho
+        )
         updates, accumulator, delta_accumulator = map_arrays(
-            lambda g, a, d: _adadelta_array(g, a, d, rho, epsilon),
+            lambda g, a, d: _adadelta_array(g, a, d, rho, one_minus_rho, epsilon),
             updates,
             state.accumulator,
             state.delta_accumulator,
