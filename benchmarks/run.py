@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import ctypes
 import dataclasses
 import datetime
 import gc
@@ -23,6 +24,7 @@ import platform
 import re
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -315,9 +317,13 @@ def peak_rss_mb() -> float:
 
 
 def free() -> None:
+    """Drops what the last configuration left: jax's caches, then freed heap pages (glibc keeps them,
+    which would make the next configuration's peak RSS include this one's)."""
     gc.collect()
     jax.clear_caches()
     gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 class JaxRun:
@@ -558,6 +564,22 @@ def table(rows: list[Row]) -> list[str]:
     return lines
 
 
+def kopt_revision() -> str:
+    """The git commit kopt was imported from, and whether kopt/ had uncommitted changes."""
+    root = Path(kopt.__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "--no-optional-locks", *args], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    try:
+        commit, dirty = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain", "--", "kopt")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown commit"
+    return f"commit {commit}" + (" + uncommitted changes in kopt/" if dirty else "")
+
+
 def machine_info() -> dict[str, str]:
     cpu, mem = "unknown", ""
     with contextlib.suppress(OSError, AttributeError):
@@ -575,7 +597,7 @@ def machine_info() -> dict[str, str]:
         "python": platform.python_version(),
         "jax / jaxlib": f"{jax.__version__} / {jaxlib.__version__}",
         "optax": optax.__version__,
-        "kopt": f"{kopt.__version__} (train_step: {'yes' if hasattr(kopt, 'train_step') else 'no'})",
+        "kopt": f"{kopt.__version__}, {kopt_revision()}, train_step: {'yes' if hasattr(kopt, 'train_step') else 'no'}",
         "torch": f"{torch.__version__} ({torch.get_num_threads()} threads)" if torch else "not installed",
         "numpy": np.__version__,
         "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
