@@ -10,6 +10,7 @@ from kopt.clipping import ClipState, clip_by_global_norm, clip_by_norm, clip_by_
 from kopt.groups import MaskedState, PartitionState, masked, partition
 from kopt.keras_weights import from_keras_weights, to_keras_weights
 from kopt.optimizers import SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, Nadam, Optimizer, RMSprop
+from kopt.packing import PackedArrays, PackedState, packed
 from kopt.plateau import ReduceOnPlateauState, reduce_on_plateau
 from kopt.schedules import (
     Schedule,
@@ -78,6 +79,7 @@ __all__ = [
     "skip_nonfinite",
     "accumulate",
     "lookahead",
+    "packed",
     # schedules
     "Schedule",
     "constant_schedule",
@@ -139,4 +141,6 @@ __all__ = [
     "SkipNonfiniteState",
     "AccumulateState",
     "LookaheadState",
+    "PackedState",
+    "PackedArrays",
 ]

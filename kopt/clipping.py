@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from kopt.base import GradientTransformation
+from kopt.packing import refuse_packed
 from kopt.state import init_hyperparams
 from kopt.tree import map_arrays, sum_of_squares
 from kopt.validation import check_hyperparam
@@ -103,6 +104,7 @@ def clip_by_norm(max_norm: float) -> GradientTransformation:
         return (_norm_scale(norm, max_norm) * g,)
 
     def clip(updates, max_norm):
+        refuse_packed("clip_by_norm", updates)
         (clipped,) = map_arrays(lambda g: clip_leaf(g, max_norm), updates)
         return clipped
 

@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 import jax
 
 from kopt.base import GradientTransformation, OptState, Params, Updates, accepted_extra_args
+from kopt.packing import refuse_packed
 
 Labels = Any  # a pytree (or prefix) of labels, or a function params -> such a pytree
 
@@ -75,10 +76,12 @@ def masked(inner: GradientTransformation, mask: Labels) -> GradientTransformatio
     keep = accepted_extra_args(inner.update)
 
     def init(params: Params) -> MaskedState:
+        refuse_packed("masked", params)
         labels = _resolve(mask, params, "masked")
         return MaskedState(inner.init(_only(params, labels, True)))
 
     def update(updates: Updates, state: MaskedState, params: Params | None = None, **extra_args):
+        refuse_packed("masked", updates)
         labels = _resolve(mask, params, "masked")
         inner_updates, inner_state = inner.update(
             _only(updates, labels, True), state.inner_state, _only(params, labels, True), **keep(extra_args)
@@ -110,6 +113,7 @@ def partition(transforms: Mapping[Hashable, GradientTransformation], labels: Lab
     filters = {label: accepted_extra_args(t.update) for label, t in transforms.items()}
 
     def checked_labels(params: Params | None) -> Any:
+        refuse_packed("partition", params)
         resolved = _resolve(labels, params, "partition")
         unknown = {lab for lab in jax.tree.leaves(resolved)} - transforms.keys()
         if unknown:
@@ -124,6 +128,7 @@ def partition(transforms: Mapping[Hashable, GradientTransformation], labels: Lab
         return PartitionState({label: t.init(_only(params, resolved, label)) for label, t in transforms.items()})
 
     def update(updates: Updates, state: PartitionState, params: Params | None = None, **extra_args):
+        refuse_packed("partition", updates)
         resolved = checked_labels(params)
         new_updates, new_states = {}, {}
         for label, transform in transforms.items():

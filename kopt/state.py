@@ -31,10 +31,12 @@ import jax
 import jax.numpy as jnp
 
 from kopt.base import OptState, Params
+from kopt.packing import is_packed
 from kopt.tree import hyperparam_dtype
 from kopt.validation import check_hyperparam, is_concrete
 
 _INNER_FIELDS = ("inner_state", "inner_states")
+_NOT_SLOTS = ("hyperparams", "layout", *_INNER_FIELDS)  # kopt.packed's layout is structure, not a slot
 
 #: Hyperparameters that are read-outs, written by ``update`` (not settable).
 READ_ONLY = {"current_lr": "it is the learning rate of the latest step; set lr (the schedule's base value) instead"}
@@ -71,7 +73,7 @@ def _fields_of(state: OptState, kind: str) -> Iterator[tuple[str, str, Any]]:
                     yield f"{path}.hyperparams", name, value
         else:
             for name in named._fields:
-                if name not in ("hyperparams", *_INNER_FIELDS):
+                if name not in _NOT_SLOTS:
                     yield f"{path}.{name}", name, getattr(named, name)
 
 
@@ -151,14 +153,16 @@ def get_slot(state: OptState, name: str) -> Any:
     Slot names follow the specification: ``velocity`` (SGD), ``accumulator``
     (RMSprop, Adagrad, Adadelta), ``delta_accumulator`` (Adadelta), ``m``,
     ``v``, ``vhat`` (Adam; ``vhat`` is ``None`` without AMSGrad), ``u``
-    (Adamax), ``m_schedule`` (Nadam), ``count`` (step counters).
+    (Adamax), ``m_schedule`` (Nadam), ``count`` (step counters). Slots that
+    :func:`kopt.packed` keeps in flat buffers come back leaf by leaf.
     """
     found = [(path, value) for path, field, value in _fields_of(state, "slot") if field == name]
     if not found:
         raise ValueError(f"no slot named {name!r} in this state; available: {slot_names(state)}")
     if len(found) > 1:
         raise ValueError(f"slot {name!r} is ambiguous: it is held at {', '.join(p for p, _ in found)}")
-    return found[0][1]
+    value = found[0][1]
+    return value.unpack() if is_packed(value) else value
 
 
 def set_slot(state: OptState, name: str, value: Any) -> OptState:
@@ -191,9 +195,15 @@ def set_slot(state: OptState, name: str, value: Any) -> OptState:
         if name not in node._fields or name in (*_INNER_FIELDS, "hyperparams"):
             return {}
         old = getattr(node, name)
-        if jax.tree.structure(value) != jax.tree.structure(old):
-            raise ValueError(f"slot {name!r} has structure {jax.tree.structure(old)}, got {jax.tree.structure(value)}")
-        return {name: jax.tree.map(cast, value, old)}
+        leafwise = old.unpack() if is_packed(old) else old
+        if jax.tree.structure(value) != jax.tree.structure(leafwise):
+            raise ValueError(
+                f"slot {name!r} has structure {jax.tree.structure(leafwise)}, got {jax.tree.structure(value)}"
+            )
+        new = jax.tree.map(cast, value, leafwise)
+        if is_packed(old):
+            new = jax.tree.map(cast, old.layout.pack(new, f"slot {name!r}"), old)
+        return {name: new}
 
     return _rebuild(state, edit)
 
