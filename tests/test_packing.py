@@ -1,0 +1,308 @@
+"""kopt.packed against the plain per-leaf path: same numbers for every optimizer, option and wrapper.
+
+The per-leaf path is itself checked against the NumPy reference (test_reference_*), so agreement
+here carries that check over to the packed path. The packed path runs the same math on the same
+numbers, so elementwise rules agree to the last bit or two (XLA may fuse a flat buffer differently,
+e.g. contract a multiply-add, which moves the last bit); a global norm (clipnorm) sums the same
+squares in another order, so it agrees to a few ulps of the clip factor.
+"""
+
+from __future__ import annotations
+
+import re
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl.testing import parameterized
+
+import kopt
+from tests.matching import CASES, SLOTS
+
+STEPS = 5
+
+
+def make_params(dtype) -> dict:
+    """Two blocks of the same shapes (so several buffers), a scalar, an empty leaf, a None leaf."""
+    rng = np.random.default_rng(0)
+
+    def block():
+        return {"w": rng.normal(size=(3, 4)), "b": rng.normal(size=(4,)), "g": rng.normal(size=(4,))}
+
+    tree = {"blocks": [block(), block()], "scale": np.asarray(rng.normal()), "empty": np.zeros((0, 2))}
+    params = jax.tree.map(lambda x: jnp.asarray(x, dtype), tree)
+    params["frozen"] = None
+    return params
+
+
+def make_grads(params, seed: int = 1, scale: float = 1.0) -> list:
+    rng = np.random.default_rng(seed)
+    return [
+        jax.tree.map(lambda p: jnp.asarray(scale * rng.normal(size=p.shape), p.dtype), params) for _ in range(STEPS)
+    ]
+
+
+def trajectory(opt, params, grads_sequence, variant=lambda f: f, **extra):
+    @variant
+    def step(params, state, grads):
+        updates, state = opt.update(grads, state, params, **extra)
+        return kopt.apply_updates(params, updates), state
+
+    state = opt.init(params)
+    for grads in grads_sequence:
+        params, state = step(params, state, grads)
+    return params, state
+
+
+class PackedMatchesPerLeaf(chex.TestCase):
+    """Subclasses set ``dtype``, the tolerance of elementwise rules (a few ulps) and the looser one
+    of a reordered global-norm sum."""
+
+    __test__ = False
+    dtype = np.float32
+    rtol, atol, norm_rtol = 5e-7, 1e-8, 1e-5
+
+    def assert_same(self, packed, plain, reordered_sum: bool = False):
+        rtol = self.norm_rtol if reordered_sum else self.rtol
+        chex.assert_trees_all_close(packed, plain, rtol=rtol, atol=self.atol)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.named_parameters(*CASES)
+    def test_alias_matches_per_leaf(self, name, config, scale):
+        params = make_params(self.dtype)
+        grads = make_grads(params, scale=scale)
+        plain_params, plain_state = trajectory(getattr(kopt, name)(**config), params, grads, self.variant)
+        packed_params, packed_state = trajectory(
+            getattr(kopt, name)(**config, packed=True), params, grads, self.variant
+        )
+        reordered = "clipnorm" in config
+        self.assert_same(packed_params, plain_params, reordered)
+        chex.assert_trees_all_equal_dtypes(packed_params, plain_params)
+        self.assertEqual(kopt.slot_names(packed_state), kopt.slot_names(plain_state))
+        self.assertEqual(int(kopt.iterations(packed_state)), int(kopt.iterations(plain_state)))
+        for slot in SLOTS[name]:
+            packed_slot, plain_slot = kopt.get_slot(packed_state, slot), kopt.get_slot(plain_state, slot)
+            chex.assert_trees_all_equal_shapes_and_dtypes(packed_slot, plain_slot)
+            self.assert_same(packed_slot, plain_slot, reordered)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.named_parameters(
+        ("skip_nonfinite", lambda inner: kopt.skip_nonfinite(inner, max_consecutive=2)),
+        ("accumulate", lambda inner: kopt.accumulate(inner, every_k=2)),
+        ("lookahead", lambda inner: kopt.lookahead(inner, sync_period=2, slow_step_size=0.5)),
+        ("ema_params", lambda inner: kopt.chain(inner, kopt.ema_params(0.9))),
+        ("reduce_on_plateau", lambda inner: kopt.chain(inner, kopt.reduce_on_plateau(factor=0.5, patience=1))),
+        (
+            "weight_decay_schedule",
+            lambda inner: kopt.chain(
+                kopt.clip_by_value(0.5),
+                kopt.scale_by_adam(amsgrad=True),
+                kopt.add_decayed_weights(0.1),
+                kopt.scale_by_learning_rate(kopt.cosine_decay(0.1, decay_steps=3, restarts=True)),
+            ),
+        ),
+    )
+    def test_wrapper_matches_per_leaf(self, wrap):
+        params = make_params(self.dtype)
+        grads = make_grads(params)
+        grads[2] = jax.tree.map(lambda g: g * jnp.nan, grads[2])  # exercises skip_nonfinite
+        losses = iter([3.0, 2.0, 2.5, 2.5, 2.6] * 3)
+        extra = {"value": jnp.asarray(next(losses), self.dtype)}
+        plain = trajectory(wrap(kopt.Adam(lr=0.1, amsgrad=True)), params, grads, self.variant, **extra)
+        inside = trajectory(kopt.packed(wrap(kopt.Adam(lr=0.1, amsgrad=True))), params, grads, self.variant, **extra)
+        outside = trajectory(wrap(kopt.Adam(lr=0.1, amsgrad=True, packed=True)), params, grads, self.variant, **extra)
+        for packed_params, _ in (inside, outside):
+            self.assert_same(packed_params, plain[0])
+
+    def test_train_step_matches_per_leaf(self):
+        params = make_params(self.dtype)
+
+        def loss(params, batch):
+            return sum(jnp.sum(jnp.sin(p * batch)) for p in jax.tree.leaves(params))
+
+        results = []
+        for packed in (False, True):
+            opt = kopt.Nadam(lr=0.01, clipvalue=0.3, packed=packed)
+            step = kopt.train_step(loss, opt)
+            current, state = jax.tree.map(jnp.copy, params), opt.init(params)
+            for batch in (1.0, 2.0, 3.0):
+                current, state, value = step(current, state, jnp.asarray(batch, self.dtype))
+            results.append((current, value))
+        self.assert_same(results[1], results[0])
+
+
+class TestPackedFloat32(PackedMatchesPerLeaf):
+    __test__ = True
+    dtype = np.float32
+    rtol, atol, norm_rtol = 5e-7, 1e-8, 1e-5
+
+
+class TestPackedFloat64(PackedMatchesPerLeaf):
+    __test__ = True
+    dtype = np.float64
+    rtol, atol, norm_rtol = 1e-15, 1e-17, 1e-13
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls._x64 = jax.config.jax_enable_x64
+        jax.config.update("jax_enable_x64", True)
+
+    @classmethod
+    def tearDownClass(cls):
+        jax.config.update("jax_enable_x64", cls._x64)
+        super().tearDownClass()
+
+
+# ----------------------------------------------------------------------------- layout and state access
+
+
+def test_layout_puts_each_repeated_block_in_its_own_buffer_at_the_same_offsets():
+    block = {"w": jnp.ones((3, 4)), "b": jnp.ones(4), "s": jnp.ones(())}
+    params = {"blocks": [block, block, block], "head": jnp.ones((3, 4))}
+    state = kopt.Adam(packed=True).init(params)
+    m = state.inner_state[0].m
+    assert isinstance(m, kopt.PackedArrays)
+    # The k-th leaf of each shape goes to buffer k: one buffer per block (the head joins the fourth).
+    assert {name: int(b.size) for name, b in m.buffers.items()} == {
+        "float32_0": 17,
+        "float32_1": 17,
+        "float32_2": 17,
+        "float32_3": 12,
+    }
+    # Each block's w sits at the same offset of its own buffer, so its slicing kernel is the same kernel.
+    layout = state.layout
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    ws = [paths.index(f"['blocks'][{k}]['w']") for k in range(3)]
+    assert len({layout.buffers[i] for i in ws}) == 3
+    assert len({layout.starts[i] for i in ws}) == 1
+    chex.assert_trees_all_equal(kopt.get_slot(state, "m"), jax.tree.map(jnp.zeros_like, params))
+
+
+def test_mixed_dtypes_get_separate_buffers_and_the_per_leaf_dtypes():
+    params = {"a": jnp.ones(3, jnp.bfloat16), "b": jnp.ones(2, jnp.float32), "c": jnp.ones(2, jnp.bfloat16)}
+    grads = jax.tree.map(lambda p: (p * 0.3).astype(p.dtype), params)
+    plain, packed = kopt.Adam(lr=0.1), kopt.Adam(lr=0.1, packed=True)
+    ps, pk = plain.init(params), packed.init(params)
+    for _ in range(3):
+        u_plain, ps = plain.update(grads, ps, params)
+        u_packed, pk = packed.update(grads, pk, params)
+        chex.assert_trees_all_close(u_packed, u_plain, rtol=5e-7, atol=1e-8)
+        chex.assert_trees_all_equal_dtypes(u_packed, u_plain)
+    assert {b.dtype for b in pk.inner_state[0].m.buffers.values()} == {jnp.dtype(jnp.float32)}
+    assert sorted(pk.inner_state[0].m.buffers) == ["bfloat16_0", "float32_0"]  # a and c: first of their shapes
+
+
+def test_get_and_set_slot_work_leaf_by_leaf():
+    params = make_params(jnp.float32)
+    opt = kopt.Adam(lr=0.1, packed=True)
+    state = opt.init(params)
+    new_m = jax.tree.map(lambda p: jnp.full(p.shape, 0.25, p.dtype), params)
+    state = kopt.set_slot(state, "m", new_m)
+    chex.assert_trees_all_equal(kopt.get_slot(state, "m"), new_m)
+    plain = kopt.set_slot(kopt.Adam(lr=0.1).init(params), "m", new_m)
+    grads = make_grads(params)[0]
+    chex.assert_trees_all_close(
+        opt.update(grads, state, params)[0], kopt.Adam(lr=0.1).update(grads, plain, params)[0], rtol=5e-7, atol=1e-8
+    )
+    with pytest.raises(ValueError, match="slot 'm' has structure"):
+        kopt.set_slot(state, "m", {"w": jnp.zeros(3)})
+    with pytest.raises(ValueError, match="cannot replace one of"):
+        kopt.set_slot(state, "m", jax.tree.map(lambda p: jnp.zeros((*p.shape, 1)), params))
+
+
+def test_hyperparams_change_without_recompile():
+    params = make_params(jnp.float32)
+    opt = kopt.Adam(lr=0.1, packed=True)
+    traces = []
+
+    @jax.jit
+    def step(params, state, grads):
+        traces.append(1)
+        return opt.update(grads, state, params)
+
+    state = opt.init(params)
+    grads = make_grads(params)[0]
+    _, state = step(params, state, grads)
+    state = kopt.set_hyperparams(state, lr=0.01, beta_1=0.5)
+    updates, _ = step(params, state, grads)
+    assert len(traces) == 1
+    reference = kopt.set_hyperparams(
+        kopt.Adam(lr=0.1).update(grads, kopt.Adam(lr=0.1).init(params))[1], lr=0.01, beta_1=0.5
+    )
+    chex.assert_trees_all_close(updates, kopt.Adam(lr=0.1).update(grads, reference, params)[0], rtol=5e-7, atol=1e-8)
+
+
+def test_serialize_and_checkpoint_round_trip(tmp_path):
+    opt = kopt.RMSprop(lr=0.01, clipvalue=1.0, packed=True)
+    config = kopt.serialize(opt)
+    assert config["config"]["packed"] is True
+    again = kopt.deserialize(config)
+    assert again.config == opt.config
+    params = make_params(jnp.float32)
+    _, state = trajectory(opt, params, make_grads(params))
+    kopt.save_state(tmp_path / "state.npz", state, config=config)
+    loaded = kopt.load_state(tmp_path / "state.npz", again.init(params), config=config)
+    chex.assert_trees_all_equal(loaded, state)
+    assert kopt.Adam().config.get("packed") is None  # off by default, and not in the config
+
+
+@pytest.mark.parametrize(
+    "inner, when",
+    [
+        (lambda: kopt.clip_by_norm(1.0), "update"),
+        (lambda: kopt.masked(kopt.scale_by_adam(), {"a": True, "b": False}), "init"),
+        (lambda: kopt.add_decayed_weights(0.1, mask={"a": True, "b": False}), "init"),
+        (lambda: kopt.partition({0: kopt.Adam(), 1: kopt.SGD()}, {"a": 0, "b": 1}), "init"),
+    ],
+)
+def test_per_leaf_transforms_refuse_packed_leaves(inner, when):
+    params = {"a": jnp.ones(2), "b": jnp.ones(3)}
+    opt = kopt.packed(inner())
+    if when == "init":
+        with pytest.raises(ValueError, match=r"works leaf by leaf.*outside kopt\.packed"):
+            opt.init(params)
+    else:
+        state = opt.init(params)
+        with pytest.raises(ValueError, match=r"works leaf by leaf.*outside kopt\.packed"):
+            opt.update(params, state, params)
+
+
+def test_bad_inputs_name_what_is_wrong():
+    params = {"a": jnp.ones(2), "b": jnp.ones(3)}
+    opt = kopt.Adam(packed=True)
+    state = opt.init(params)
+    with pytest.raises(ValueError, match="updates has structure"):
+        opt.update({"a": jnp.ones(2)}, state)
+    with pytest.raises(ValueError, match=re.escape("updates['b'] has shape (4,), but its param has shape (3,)")):
+        opt.update({"a": jnp.ones(2), "b": jnp.ones(4)}, state)
+    with pytest.raises(TypeError, match=r"updates\['a'\] .*gradients must be real"):
+        opt.update({"a": jnp.ones(2, jnp.complex64), "b": jnp.ones(3)}, state)
+    with pytest.raises(ValueError, match="not a PackedState"):
+        opt.update(params, kopt.Adam().init(params))
+    with pytest.raises(TypeError, match="packed must be True or False"):
+        kopt.SGD(packed="yes")
+
+
+def _kernels(opt, params) -> int:
+    """Array-valued ops of the optimized entry computation of a donated update + apply."""
+
+    def step(params, state, grads):
+        updates, state = opt.update(grads, state, params)
+        return kopt.apply_updates(params, updates), state
+
+    hlo = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt.init(params), params).compile().as_text()
+    entry = hlo[hlo.index("ENTRY") :]
+    return len(re.findall(r"= f32\[[0-9,]+\]\{[0-9,]*\} (?:fusion|concatenate|copy)\(", entry))
+
+
+def test_packing_writes_each_leaf_once():
+    # 6 blocks of 5 small leaves: per leaf, Adam writes m, v and the param (3 kernels a leaf); packed
+    # writes the param once per leaf plus a handful of kernels per buffer.
+    shapes = [(7,), (3, 5), (2, 2, 3), (11,), (4, 4)]
+    params = {f"block{i}": {f"p{j}": jnp.ones(s) for j, s in enumerate(shapes)} for i in range(6)}
+    leaves = 30
+    assert _kernels(kopt.Adam(), params) >= 3 * leaves
+    assert _kernels(kopt.Adam(packed=True), params) <= leaves + 6 * 6
