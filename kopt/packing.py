@@ -39,16 +39,22 @@ from kopt.base import GradientTransformation, OptState, Params, Updates, accepte
 from kopt.tree import check_params, check_updates
 
 
+#: Leaves of at least this many elements keep a buffer of their own: their kernels are long enough that
+#: launching them costs nothing, and packing them would only copy them (XLA:CPU concatenates slowly).
+ALONE = 1 << 16
+
+
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """Where every leaf of a params tree sits in the flat buffers (static: part of the tree structure).
 
     Leaf ``k`` (in ``jax.tree.flatten`` order) lives in buffer ``buffers[k]``
     from ``starts[k]``. A buffer holds leaves of one dtype, and the ``j``-th
-    leaf of a given shape and dtype goes to that dtype's ``j``-th buffer: a
-    model made of repeated blocks gets one buffer per block, laid out alike,
-    so the kernels that cut the updates back into leaves are the same few
-    kernels for every block and XLA compiles each once.
+    small leaf of a given shape and dtype goes to that dtype's ``j``-th
+    buffer: a model made of repeated blocks gets one buffer per block, laid
+    out alike, so the kernels that cut the updates back into leaves are the
+    same few kernels for every block and XLA compiles each once. A leaf of
+    :data:`ALONE` elements or more is a buffer by itself (a free reshape).
     """
 
     treedef: Any
@@ -65,10 +71,11 @@ class Layout:
         seen: dict[tuple, int] = {}
         filled: dict[str, int] = {}
         buffers, starts = [], []
-        for dtype, shape in zip(dtypes, shapes, strict=True):
+        for index, (dtype, shape) in enumerate(zip(dtypes, shapes, strict=True)):
             kind = (jnp.dtype(dtype).name, shape)
             seen[kind] = seen.get(kind, -1) + 1
-            buffer = f"{kind[0]}_{seen[kind]}"
+            big = math.prod(shape) >= ALONE
+            buffer = f"{kind[0]}_leaf{index}" if big else f"{kind[0]}_{seen[kind]}"
             buffers.append(buffer)
             starts.append(filled.get(buffer, 0))
             filled[buffer] = starts[-1] + math.prod(shape)
