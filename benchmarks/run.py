@@ -139,6 +139,24 @@ OPTIMIZERS = [
         torch_fused=True,
         clipnorm=CLIPNORM,
     ),
+    # kopt.packed: the same optimizers with their state in flat buffers (for trees of many small leaves).
+    Spec(
+        "adam packed",
+        lambda: kopt.Adam(lr=1e-3, packed=True),
+        lambda: optax.adam(1e-3, eps=EPS),
+        2,
+        ("Adam", {"lr": 1e-3, "eps": EPS}),
+        torch_fused=True,
+    ),
+    Spec(
+        "clipnorm+adam packed",
+        lambda: kopt.Adam(lr=1e-3, clipnorm=CLIPNORM, packed=True),
+        lambda: optax.chain(optax.clip_by_global_norm(CLIPNORM), optax.adam(1e-3, eps=EPS)),
+        2,
+        ("Adam", {"lr": 1e-3, "eps": EPS}),
+        torch_fused=True,
+        clipnorm=CLIPNORM,
+    ),
 ]
 # The optimizers of every measurement: the only ones on the big shapes in --quick, the only ones with the
 # step without donation on the small leaves (compiles there cost ~10-30 s each), eager in --quick.
@@ -707,7 +725,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder (default benchmarks/results)")
     args = parser.parse_args(argv)
     args.reps, args.eager_reps = (7, 3) if args.quick else (15, 5)
-    train_step_for = ("adam",) if args.quick else KEY
+    train_step_for = ("adam",) if args.quick else (*KEY, "adam packed", "clipnorm+adam packed")
     started = time.perf_counter()
     info = machine_info()
     load = [os.getloadavg()]
