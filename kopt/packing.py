@@ -38,7 +38,6 @@ import jax.numpy as jnp
 from kopt.base import GradientTransformation, OptState, Params, Updates, accepted_extra_args, compiled_when_eager
 from kopt.tree import check_params, check_updates
 
-
 #: Leaves of at least this many elements keep a buffer of their own: their kernels are long enough that
 #: launching them costs nothing, and packing them would only copy them (XLA:CPU concatenates slowly).
 ALONE = 1 << 16
