@@ -306,3 +306,15 @@ def test_packing_writes_each_leaf_once():
     leaves = 30
     assert _kernels(kopt.Adam(), params) >= 3 * leaves
     assert _kernels(kopt.Adam(packed=True), params) <= leaves + 6 * 6
+
+
+@pytest.mark.parametrize("name", ["Adam", "Nadam", "Adadelta"])
+def test_keras_weights_round_trip_through_the_packed_state(name):
+    params = make_params(jnp.float32)
+    del params["frozen"]  # Keras weights list every param
+    _, plain_state = trajectory(getattr(kopt, name)(), params, make_grads(params))
+    weights = kopt.to_keras_weights(getattr(kopt, name)(), plain_state)
+    packed_opt = getattr(kopt, name)(packed=True)
+    state = kopt.from_keras_weights(packed_opt, params, weights)
+    for expected, got in zip(weights, kopt.to_keras_weights(packed_opt, state), strict=True):
+        np.testing.assert_array_equal(got, expected)
