@@ -29,6 +29,7 @@ factor). Transformations whose math is per leaf (``clip_by_norm``, ``masked``,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -60,6 +61,13 @@ class Layout:
     shapes: tuple[tuple[int, ...], ...]
     buffers: tuple[str, ...]
     starts: tuple[int, ...]
+
+    @functools.cached_property
+    def _hash(self) -> int:
+        return hash((self.treedef, self.shapes, self.buffers, self.starts))
+
+    def __hash__(self) -> int:  # jit hashes the state's structure on every call: once per layout is enough
+        return self._hash
 
     @classmethod
     def of(cls, params: Params) -> Layout:
