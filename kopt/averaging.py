@@ -7,7 +7,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from kopt.base import GradientTransformation, OptState, Params, Updates, accepted_extra_args
+from kopt.base import GradientTransformation, OptState, Params, Updates, accepted_extra_args, expects
 from kopt.state import init_hyperparams
 from kopt.tree import map_arrays, slot_dtype
 from kopt.validation import check_count, check_hyperparam
@@ -54,6 +54,7 @@ def lookahead(
             inner.init(params), _copy_params(params), jnp.zeros((), jnp.int32), init_hyperparams(values, params)
         )
 
+    @expects(LookaheadState)
     def update(updates: Updates, state: LookaheadState, params: Params | None = None, **extra_args):
         _needs_params(params, "lookahead")
         updates, inner_state = inner.update(updates, state.inner_state, params, **keep(extra_args))
@@ -96,6 +97,7 @@ def ema_params(decay: float = 0.999) -> GradientTransformation:
     def init(params: Params) -> EmaParamsState:
         return EmaParamsState(_copy_params(params), init_hyperparams(values, params))
 
+    @expects(EmaParamsState)
     def update(updates: Updates, state: EmaParamsState, params: Params | None = None, **extra_args):
         del extra_args
         _needs_params(params, "ema_params")

@@ -95,6 +95,28 @@ def accepted_extra_args(update: Callable) -> Callable[[dict], dict]:
     return lambda extra: {k: v for k, v in extra.items() if k in named}
 
 
+def expects(state_type: type) -> Callable[[TransformUpdateFn], TransformUpdateFn]:
+    """Decorates an ``update`` so that a state of another type is a ``ValueError`` naming both types.
+
+    Without it, the state of another optimizer (say Adam's given to SGD's
+    ``update``) fails deep inside as a bare ``KeyError`` on a hyperparameter.
+    """
+
+    def decorate(update: TransformUpdateFn) -> TransformUpdateFn:
+        @functools.wraps(update)
+        def checked(updates, state, params=None, **extra_args):
+            if not isinstance(state, state_type):
+                raise ValueError(
+                    f"this transformation keeps a {state_type.__name__}, but update got a {type(state).__name__}: "
+                    "pass the state returned by this optimizer's own init (another optimizer's state does not fit)"
+                )
+            return update(updates, state, params, **extra_args)
+
+        return checked
+
+    return decorate
+
+
 def _traced(tree: Any) -> bool:
     return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(tree))
 

@@ -11,7 +11,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from kopt.base import GradientTransformation
+from kopt.base import GradientTransformation, expects
 from kopt.packing import refuse_packed
 from kopt.state import init_hyperparams
 from kopt.tree import map_arrays, sum_of_squares
@@ -31,6 +31,7 @@ def _clip_transform(name: str, value: float, update_with) -> GradientTransformat
     def init(params):
         return ClipState(init_hyperparams(values, params))
 
+    @expects(ClipState)
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
         return update_with(updates, state.hyperparams[name]), state

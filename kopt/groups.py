@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 
 import jax
 
-from kopt.base import GradientTransformation, OptState, Params, Updates, accepted_extra_args
+from kopt.base import GradientTransformation, OptState, Params, Updates, accepted_extra_args, expects
 from kopt.packing import refuse_packed
 
 Labels = Any  # a pytree (or prefix) of labels, or a function params -> such a pytree
@@ -80,6 +80,7 @@ def masked(inner: GradientTransformation, mask: Labels) -> GradientTransformatio
         labels = _resolve(mask, params, "masked")
         return MaskedState(inner.init(_only(params, labels, True)))
 
+    @expects(MaskedState)
     def update(updates: Updates, state: MaskedState, params: Params | None = None, **extra_args):
         refuse_packed("masked", updates)
         labels = _resolve(mask, params, "masked")
@@ -127,6 +128,7 @@ def partition(transforms: Mapping[Hashable, GradientTransformation], labels: Lab
         resolved = checked_labels(params)
         return PartitionState({label: t.init(_only(params, resolved, label)) for label, t in transforms.items()})
 
+    @expects(PartitionState)
     def update(updates: Updates, state: PartitionState, params: Params | None = None, **extra_args):
         refuse_packed("partition", updates)
         resolved = checked_labels(params)

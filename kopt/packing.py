@@ -36,7 +36,15 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from kopt.base import GradientTransformation, OptState, Params, Updates, accepted_extra_args, compiled_when_eager
+from kopt.base import (
+    GradientTransformation,
+    OptState,
+    Params,
+    Updates,
+    accepted_extra_args,
+    compiled_when_eager,
+    expects,
+)
 from kopt.tree import check_params, check_updates
 
 #: Leaves of at least this many elements keep a buffer of their own: their kernels are long enough that
@@ -197,9 +205,8 @@ def packed(inner: GradientTransformation) -> GradientTransformation:
         return PackedState(layout, inner.init(layout.pack(params, "params")))
 
     @compiled_when_eager
+    @expects(PackedState)
     def update(updates: Updates, state: PackedState, params: Params | None = None, **extra_args):
-        if not isinstance(state, PackedState):
-            raise ValueError(f"kopt.packed got a state that is not a PackedState: {type(state).__name__}")
         layout = state.layout
         flat_params = None if params is None else layout.pack(params, "params")
         new, inner_state = inner.update(layout.pack(updates), state.inner_state, flat_params, **keep(extra_args))

@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from kopt.base import GradientTransformation, Params, Updates
+from kopt.base import GradientTransformation, Params, Updates, expects
 from kopt.state import init_hyperparams
 from kopt.tree import hyperparam_dtype, map_arrays
 from kopt.validation import check_count, check_hyperparam
@@ -64,6 +64,7 @@ def reduce_on_plateau(
             jnp.ones((), dtype), jnp.asarray(jnp.inf, dtype), wait, cooldown_counter, hyperparams
         )
 
+    @expects(ReduceOnPlateauState)
     def update(
         updates: Updates, state: ReduceOnPlateauState, params: Params | None = None, *, value: Any = None, **extra_args
     ):

@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from kopt.base import GradientTransformation, Updates
+from kopt.base import GradientTransformation, Updates, expects
 from kopt.groups import masked
 from kopt.schedules import Schedule, constant_schedule
 from kopt.state import init_hyperparams
@@ -92,6 +92,7 @@ def scale_by_learning_rate(lr: float | Schedule | Callable[[jax.Array], jax.Arra
         count = _zero_count()
         return ScaleByLearningRateState(count, {**hyperparams, "current_lr": learning_rate(count, hyperparams)})
 
+    @expects(ScaleByLearningRateState)
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
         lr = learning_rate(state.count, state.hyperparams)
@@ -134,6 +135,7 @@ def trace(momentum: float = 0.0, nesterov: bool = False, state_dtype: Any = None
     def init(params):
         return TraceState(zeros_slots(params, state_dtype), init_hyperparams(values, params))
 
+    @expects(TraceState)
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
         momentum = state.hyperparams["momentum"]
@@ -173,6 +175,7 @@ def scale_by_rms(rho: float = 0.9, epsilon: float = 1e-7, state_dtype: Any = Non
     def init(params):
         return ScaleByRmsState(zeros_slots(params, state_dtype), init_hyperparams(values, params))
 
+    @expects(ScaleByRmsState)
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
         rho, epsilon = state.hyperparams["rho"], state.hyperparams["epsilon"]
@@ -208,6 +211,7 @@ def scale_by_adagrad(epsilon: float = 1e-7, state_dtype: Any = None) -> Gradient
     def init(params):
         return ScaleByAdagradState(zeros_slots(params, state_dtype), init_hyperparams(values, params))
 
+    @expects(ScaleByAdagradState)
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
         epsilon = state.hyperparams["epsilon"]
@@ -253,6 +257,7 @@ def scale_by_adadelta(rho: float = 0.95, epsilon: float = 1e-7, state_dtype: Any
             zeros_slots(params, state_dtype), zeros_slots(params, state_dtype), init_hyperparams(values, params)
         )
 
+    @expects(ScaleByAdadeltaState)
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
         rho, epsilon = state.hyperparams["rho"], state.hyperparams["epsilon"]
@@ -327,6 +332,7 @@ def scale_by_adam(
             init_hyperparams(values, params),
         )
 
+    @expects(ScaleByAdamState)
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
         hp = state.hyperparams
@@ -383,6 +389,7 @@ def scale_by_adamax(
             init_hyperparams(values, params),
         )
 
+    @expects(ScaleByAdamaxState)
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
         hp = state.hyperparams
@@ -465,6 +472,7 @@ def scale_by_nadam(
             init_hyperparams(values, params),
         )
 
+    @expects(ScaleByNadamState)
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
         hp = state.hyperparams
@@ -496,6 +504,7 @@ def _add_decayed_weights(rate: float) -> GradientTransformation:
     def init(params):
         return AddDecayedWeightsState(init_hyperparams(values, params))
 
+    @expects(AddDecayedWeightsState)
     def update(updates, state, params=None, **extra_args):
         del extra_args
         if params is None:

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from kopt.base import GradientTransformation, OptState, Params, Updates, accepted_extra_args
+from kopt.base import GradientTransformation, OptState, Params, Updates, accepted_extra_args, expects
 from kopt.tree import all_finite, map_arrays, select, zeros_slots
 from kopt.validation import check_count
 
@@ -45,6 +45,7 @@ def skip_nonfinite(inner: GradientTransformation, max_consecutive: int | None = 
         # Two separate buffers: a donated state must not hold one buffer twice.
         return SkipNonfiniteState(inner.init(params), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
 
+    @expects(SkipNonfiniteState)
     def update(updates: Updates, state: SkipNonfiniteState, params: Params | None = None, **extra_args):
         finite = all_finite(updates)
         step = finite if max_consecutive is None else finite | (state.consecutive >= max_consecutive)
@@ -86,6 +87,7 @@ def accumulate(inner: GradientTransformation, every_k: int) -> GradientTransform
     def init(params: Params) -> AccumulateState:
         return AccumulateState(inner.init(params), zeros_slots(params), jnp.zeros((), jnp.int32))
 
+    @expects(AccumulateState)
     def update(updates: Updates, state: AccumulateState, params: Params | None = None, **extra_args):
         ready = state.micro_step + 1 == every_k
         _, grad_sum = map_arrays(lambda g, total: (g, total + g), updates, state.grad_sum)

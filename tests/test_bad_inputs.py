@@ -392,3 +392,20 @@ def test_keras_only_spellings_are_refused_as_in_keras_and_config_keys_list_what_
         kopt.get({"class_name": "Adam", "config": {"beta1": 0.9}})
     with pytest.raises(ValueError, match=r"Unknown argument\(s\) 'foo' for SGD; allowed: lr, momentum"):
         kopt.deserialize({"class_name": "SGD", "config": {"foo": 1}})
+
+
+@pytest.mark.parametrize(
+    "opt, other, kept",
+    [
+        (kopt.SGD(), kopt.Adam(), "ScaleByLearningRateState"),
+        (kopt.Adam(), kopt.RMSprop(), "ScaleByAdamState"),
+        (kopt.RMSprop(), kopt.Adagrad(), "ScaleByRmsState"),
+        (kopt.skip_nonfinite(kopt.Adam()), kopt.Adam(), "SkipNonfiniteState"),
+    ],
+)
+def test_another_optimizers_state_names_both_state_types(opt, other, kept):
+    params = {"w": jnp.ones(2)}
+    state = other.init(params)
+    got = type(state).__name__ if kept == "SkipNonfiniteState" else type(state[0]).__name__
+    with pytest.raises(ValueError, match=rf"keeps a {kept}, but update got a {got}: pass the state returned"):
+        opt.update(params, state, params)

@@ -280,7 +280,7 @@ def test_bad_inputs_name_what_is_wrong():
         opt.update({"a": jnp.ones(2), "b": jnp.ones(4)}, state)
     with pytest.raises(TypeError, match=r"updates\['a'\] .*gradients must be real"):
         opt.update({"a": jnp.ones(2, jnp.complex64), "b": jnp.ones(3)}, state)
-    with pytest.raises(ValueError, match="not a PackedState"):
+    with pytest.raises(ValueError, match="keeps a PackedState, but update got a tuple"):
         opt.update(params, kopt.Adam().init(params))
     with pytest.raises(TypeError, match="packed must be True or False"):
         kopt.SGD(packed="yes")
