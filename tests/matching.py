@@ -89,6 +89,21 @@ def make_grads(params, steps: int, scale: float, seed: int = 1) -> list:
     return sequence
 
 
+class X64:
+    """Mixin for a test class that runs with ``jax_enable_x64`` on (restored afterwards)."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls._x64 = jax.config.jax_enable_x64
+        jax.config.update("jax_enable_x64", True)
+
+    @classmethod
+    def tearDownClass(cls):
+        jax.config.update("jax_enable_x64", cls._x64)
+        super().tearDownClass()
+
+
 class MatchesReference(chex.TestCase):
     """Subclasses set ``dtype``, ``rtol`` and ``atol``."""
 

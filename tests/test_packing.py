@@ -19,7 +19,7 @@ import pytest
 from absl.testing import parameterized
 
 import kopt
-from tests.matching import CASES, SLOTS
+from tests.matching import CASES, SLOTS, X64
 
 STEPS = 5
 
@@ -80,6 +80,7 @@ class PackedMatchesPerLeaf(chex.TestCase):
         reordered = "clipnorm" in config
         self.assert_same(packed_params, plain_params, reordered)
         chex.assert_trees_all_equal_dtypes(packed_params, plain_params)
+        self.assertEqual(jax.tree.leaves(packed_params)[0].dtype, self.dtype)  # x64 really on for float64
         self.assertEqual(kopt.slot_names(packed_state), kopt.slot_names(plain_state))
         self.assertEqual(int(kopt.iterations(packed_state)), int(kopt.iterations(plain_state)))
         for slot in SLOTS[name]:
@@ -139,21 +140,10 @@ class TestPackedFloat32(PackedMatchesPerLeaf):
     rtol, atol, norm_rtol = 5e-7, 1e-8, 1e-5
 
 
-class TestPackedFloat64(PackedMatchesPerLeaf):
+class TestPackedFloat64(X64, PackedMatchesPerLeaf):
     __test__ = True
     dtype = np.float64
     rtol, atol, norm_rtol = 1e-15, 1e-17, 1e-13
-
-    @classmethod
-    def setUpClass(cls):
-        super().setUpClass()
-        cls._x64 = jax.config.jax_enable_x64
-        jax.config.update("jax_enable_x64", True)
-
-    @classmethod
-    def tearDownClass(cls):
-        jax.config.update("jax_enable_x64", cls._x64)
-        super().tearDownClass()
 
 
 # ----------------------------------------------------------------------------- layout and state access
