@@ -29,6 +29,7 @@ bit); ``clipnorm``'s global norm sums the same squares in a different order
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import math
@@ -58,12 +59,14 @@ class Layout:
     """Where every leaf of a params tree sits in the flat buffers (static: part of the tree structure).
 
     Leaf ``k`` (in ``jax.tree.flatten`` order) lives in buffer ``buffers[k]``
-    from ``starts[k]``. A buffer holds leaves of one dtype, and the ``j``-th
-    small leaf of a given shape and dtype goes to that dtype's ``j``-th
-    buffer: a model made of repeated blocks gets one buffer per block, laid
-    out alike, so the kernels that cut the updates back into leaves are the
-    same few kernels for every block and XLA compiles each once. A leaf of
-    :data:`ALONE` elements or more is a buffer by itself (a free reshape).
+    from ``starts[k]``. A buffer holds leaves of one dtype. The tree is taken
+    to repeat a block ``B`` times, ``B`` the most common number of leaves of
+    one (dtype, shape); a shape held ``n`` times has ``r = n // B`` leaves
+    per block, and its ``j``-th leaf goes to buffer ``j // r`` (leftovers to
+    the last). A model of repeated blocks thus gets one buffer per block,
+    laid out alike, so the kernels that cut the updates back into leaves are
+    the same few kernels for every block and XLA compiles each once. A leaf
+    of :data:`ALONE` elements or more is a buffer by itself (a free reshape).
     """
 
     treedef: Any
@@ -84,17 +87,24 @@ class Layout:
         dtypes = check_params(params)
         leaves, treedef = jax.tree.flatten(params)
         shapes = tuple(tuple(jnp.shape(leaf)) for leaf in leaves)
-        seen: dict[tuple, int] = {}
+        kinds = [(jnp.dtype(dtype).name, shape) for dtype, shape in zip(dtypes, shapes, strict=True)]
+        small = collections.Counter(kind for kind in kinds if math.prod(kind[1]) < ALONE)
+        # The number of blocks: the most common count of a small (dtype, shape), the smallest on a tie.
+        counts = collections.Counter(small.values())
+        blocks = max(counts, key=lambda n: (counts[n], -n), default=1)
+        seen: collections.Counter = collections.Counter()
         filled: dict[str, int] = {}
         buffers, starts = [], []
-        for index, (dtype, shape) in enumerate(zip(dtypes, shapes, strict=True)):
-            kind = (jnp.dtype(dtype).name, shape)
-            seen[kind] = seen.get(kind, -1) + 1
-            big = math.prod(shape) >= ALONE
-            buffer = f"{kind[0]}_leaf{index}" if big else f"{kind[0]}_{seen[kind]}"
+        for index, kind in enumerate(kinds):
+            if kind in small:  # a kind held r times per block: its j-th leaf is in block j // r
+                per_block = max(1, small[kind] // blocks)
+                buffer = f"{kind[0]}_{min(seen[kind] // per_block, blocks - 1)}"
+                seen[kind] += 1
+            else:
+                buffer = f"{kind[0]}_leaf{index}"
             buffers.append(buffer)
             starts.append(filled.get(buffer, 0))
-            filled[buffer] = starts[-1] + math.prod(shape)
+            filled[buffer] = starts[-1] + math.prod(kind[1])
         return cls(treedef, shapes, tuple(buffers), tuple(starts))
 
     def pack(self, tree: Any, what: str = "updates") -> PackedArrays:

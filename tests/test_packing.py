@@ -25,13 +25,14 @@ STEPS = 5
 
 
 def make_params(dtype) -> dict:
-    """Two blocks of the same shapes (so several buffers), a scalar, an empty leaf, a None leaf."""
+    """Three blocks of the same shapes, two leaves of one shape per block (so several buffers, see
+    kopt.packing.Layout), scalars, an empty leaf and a None leaf."""
     rng = np.random.default_rng(0)
 
     def block():
-        return {"w": rng.normal(size=(3, 4)), "b": rng.normal(size=(4,)), "g": rng.normal(size=(4,))}
+        return {"w": rng.normal(size=(3, 4)), "b": rng.normal(size=(4,)), "g": rng.normal(size=(4,)), "s": rng.normal()}
 
-    tree = {"blocks": [block(), block()], "scale": np.asarray(rng.normal()), "empty": np.zeros((0, 2))}
+    tree = {"blocks": [block(), block(), block()], "empty": np.zeros((0, 2))}
     params = jax.tree.map(lambda x: jnp.asarray(x, dtype), tree)
     params["frozen"] = None
     return params
@@ -155,12 +156,11 @@ def test_layout_puts_each_repeated_block_in_its_own_buffer_at_the_same_offsets()
     state = kopt.Adam(packed=True).init(params)
     m = state.inner_state[0].m
     assert isinstance(m, kopt.PackedArrays)
-    # The k-th leaf of each shape goes to buffer k: one buffer per block (the head joins the fourth).
+    # 3 blocks (the most common leaf count of a shape); the extra (3, 4) leaf joins the last block.
     assert {name: int(b.size) for name, b in m.buffers.items()} == {
         "float32_0": 17,
         "float32_1": 17,
-        "float32_2": 17,
-        "float32_3": 12,
+        "float32_2": 17 + 12,
     }
     # Each block's w sits at the same offset of its own buffer, so its slicing kernel is the same kernel.
     layout = state.layout
@@ -169,6 +169,16 @@ def test_layout_puts_each_repeated_block_in_its_own_buffer_at_the_same_offsets()
     assert len({layout.buffers[i] for i in ws}) == 3
     assert len({layout.starts[i] for i in ws}) == 1
     chex.assert_trees_all_equal(kopt.get_slot(state, "m"), jax.tree.map(jnp.zeros_like, params))
+
+
+def test_layout_keeps_a_shape_repeated_within_a_block_in_that_block():
+    # 5 blocks of 6 norm vectors of one shape and one conv: one buffer per block, not one per vector.
+    params = {"blocks": [{"norm": [jnp.ones(8)] * 6, "conv": jnp.ones((3, 3, 8, 8))} for _ in range(5)]}
+    layout = kopt.Adam(packed=True).init(params).layout
+    assert len(set(layout.buffers)) == 5
+    assert len(set(layout.starts)) == 7  # the same 7 offsets in every block
+    big = {"big": jnp.ones(1 << 16), "small": jnp.ones(3)}
+    assert kopt.Adam(packed=True).init(big).layout.buffers == ("float32_leaf0", "float32_0")
 
 
 def test_mixed_dtypes_get_separate_buffers_and_the_per_leaf_dtypes():
