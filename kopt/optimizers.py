@@ -36,7 +36,7 @@ from kopt.transforms import (
     scale_by_rms,
     trace,
 )
-from kopt.validation import check_clip_option, check_hyperparam, check_state_dtype
+from kopt.validation import check_bool, check_clip_option, check_hyperparam, check_state_dtype
 
 #: Keras 2.2.4's ``K.epsilon()``, the value ``epsilon=None`` resolves to.
 EPSILON = 1e-7
@@ -106,10 +106,8 @@ def _keras_optimizer(
     given = {name: value for name, value in (("clipnorm", clipnorm), ("clipvalue", clipvalue)) if value is not None}
     if state_dtype is not None:
         config = {**config, "state_dtype": check_state_dtype(state_dtype).name}
-    if not isinstance(packed, bool):
-        raise TypeError(f"packed must be True or False, got {packed!r}")
     transform = chain(*clipping, *transforms)
-    if packed:
+    if check_bool("packed", packed):
         transform, config = packing.packed(transform), {**config, "packed": True}
     return Optimizer(transform, class_name, {**given, **config})
 
