@@ -54,16 +54,21 @@ class Optimizer(GradientTransformation):
 
     class_name: str
     config: dict[str, Any]
+    flavor: str
 
-    def __new__(cls, transform: GradientTransformation, class_name: str, config: dict[str, Any]):
+    def __new__(
+        cls, transform: GradientTransformation, class_name: str, config: dict[str, Any], flavor: str = "keras"
+    ):
         self = super().__new__(cls, transform.init, transform.update)
         self.class_name = class_name
         self.config = config
+        self.flavor = flavor
         return self
 
     def __repr__(self) -> str:
         arguments = ", ".join(f"{key}={value!r}" for key, value in self.config.items())
-        return f"kopt.{self.class_name}({arguments})"
+        namespace = "kopt" if self.flavor == "keras" else "kopt.tf_keras"
+        return f"{namespace}.{self.class_name}({arguments})"
 
 
 def _resolve_lr(lr: LearningRate | None, learning_rate: LearningRate | None, default: float) -> LearningRate:
@@ -191,6 +196,7 @@ def Adagrad(
     epsilon: float | None = None,
     decay: float = 0.0,
     *,
+    initial_accumulator_value: float = 0.0,
     clipnorm: float | None = None,
     clipvalue: float | None = None,
     learning_rate: LearningRate | None = None,
@@ -199,8 +205,10 @@ def Adagrad(
 ) -> Optimizer:
     """Adagrad (Keras 2): ``a <- a + g**2`` (from zero); ``p <- p - lr_i*g / (sqrt(a) + epsilon)``.
 
-    Defaults ``lr=0.01, epsilon=None (1e-7), decay=0``.
-    Chain: ``scale_by_adagrad(epsilon, state_dtype)``, ``scale_by_learning_rate(...)``.
+    Defaults ``lr=0.01, epsilon=None (1e-7), decay=0``; ``initial_accumulator_value=0``
+    (Keras 2.2.4 starts ``a`` at zero; TensorFlow's Keras at 0.1, see :mod:`kopt.tf_keras`).
+    Chain: ``scale_by_adagrad(epsilon, state_dtype, initial_accumulator_value)``,
+    ``scale_by_learning_rate(...)``.
 
     Example:
         >>> import kopt
@@ -209,6 +217,8 @@ def Adagrad(
     lr = _resolve_lr(lr, learning_rate, 0.01)
     epsilon = EPSILON if epsilon is None else epsilon
     config = {"lr": lr, "decay": decay, "epsilon": epsilon}
+    if initial_accumulator_value != 0:  # a kopt extension: the config keeps Keras 2.2.4's keys otherwise
+        config["initial_accumulator_value"] = initial_accumulator_value
     return _keras_optimizer(
         "Adagrad",
         config,
@@ -216,7 +226,7 @@ def Adagrad(
         clipvalue,
         state_dtype,
         packed,
-        scale_by_adagrad(epsilon, state_dtype),
+        scale_by_adagrad(epsilon, state_dtype, initial_accumulator_value=initial_accumulator_value),
         scale_by_learning_rate(_decayed(lr, decay)),
     )
 

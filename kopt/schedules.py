@@ -68,11 +68,13 @@ def constant_schedule(lr: float) -> Schedule:
     return Schedule(constant, _checked(lr=lr))
 
 
-def inverse_time_decay(lr: float, decay: float) -> Schedule:
-    """Keras 2's ``decay``: ``lr_i = lr * (1 / (1 + decay * i))``.
+def inverse_time_decay(lr: float, decay: float, decay_steps: int = 1, staircase: bool = False) -> Schedule:
+    """Keras 2's ``decay``: ``lr_i = lr * (1 / (1 + decay * i / decay_steps))``.
 
     The first step uses ``lr`` itself. ``lr`` and ``decay`` are hyperparameters
     in the state; as in Keras, ``lr`` reads back as the undecayed value.
+    ``decay_steps`` and ``staircase`` (``floor`` of ``i / decay_steps``) are
+    those of TensorFlow's ``InverseTimeDecay``; the defaults give Keras 2's rule.
 
     Example:
         >>> import kopt
@@ -80,10 +82,14 @@ def inverse_time_decay(lr: float, decay: float) -> Schedule:
         >>> [round(float(schedule(i)), 4) for i in range(3)]
         [0.1, 0.05, 0.0333]
     """
+    decay_steps = check_count("decay_steps", decay_steps)
+    staircase = check_bool("staircase", staircase)
 
     def inverse_time(step, lr, decay):
+        progress = _float_step(step, decay) / decay_steps
+        progress = jnp.floor(progress) if staircase else progress
         # Keras forms the reciprocal first and then multiplies; float32 bits depend on it.
-        return lr * (1.0 / (1.0 + decay * _float_step(step, decay)))
+        return lr * (1.0 / (1.0 + decay * progress))
 
     return Schedule(inverse_time, _checked(lr=lr, decay=decay))
 
@@ -130,8 +136,12 @@ def piecewise_constant(lr: float, boundaries: Sequence[int], scales: Sequence[fl
     return Schedule(piecewise, _checked(lr=lr))
 
 
-def polynomial_decay(lr: float, end_lr: float, decay_steps: int, power: float = 1.0) -> Schedule:
+def polynomial_decay(lr: float, end_lr: float, decay_steps: int, power: float = 1.0, cycle: bool = False) -> Schedule:
     """``lr_i = (lr - end_lr) * (1 - min(i, decay_steps) / decay_steps) ** power + end_lr``.
+
+    With ``cycle=True`` (TensorFlow's ``PolynomialDecay(cycle=True)``) the decay
+    does not stop at ``decay_steps``: it runs over ``decay_steps * ceil(i / decay_steps)``
+    steps instead (``decay_steps`` at ``i = 0``), jumping back up at each multiple.
 
     Example:
         >>> import kopt
@@ -140,9 +150,15 @@ def polynomial_decay(lr: float, end_lr: float, decay_steps: int, power: float = 
         [1.0, 0.5, 0.0, 0.0]
     """
     decay_steps = check_count("decay_steps", decay_steps)
+    cycle = check_bool("cycle", cycle)
 
     def polynomial(step, lr, end_lr, power):
-        remaining = 1 - jnp.minimum(_float_step(step, lr), decay_steps) / decay_steps
+        i = _float_step(step, lr)
+        if cycle:
+            length = decay_steps * jnp.where(i == 0, 1, jnp.ceil(i / decay_steps))
+            remaining = 1 - i / length
+        else:
+            remaining = 1 - jnp.minimum(i, decay_steps) / decay_steps
         return (lr - end_lr) * remaining**power + end_lr
 
     return Schedule(polynomial, _checked(lr=lr, end_lr=end_lr, power=power))
@@ -156,6 +172,7 @@ def cosine_decay(
     restarts: bool = False,
     t_mul: float = 1.0,
     m_mul: float = 1.0,
+    scale_floor: bool = True,
 ) -> Schedule:
     """Cosine annealing from ``lr`` to ``alpha * lr`` over ``decay_steps``, optionally restarting.
 
@@ -163,7 +180,9 @@ def cosine_decay(
     ``lr_i = peak * ((1 - alpha) * (1 + cos(pi * s / T)) / 2 + alpha)``. Without
     restarts there is one period and the rate stays at ``alpha * lr`` after it.
     With ``restarts=True`` (SGDR), period ``k`` lasts ``decay_steps * t_mul**k``
-    steps and peaks at ``lr * m_mul**k``.
+    steps and peaks at ``lr * m_mul**k``; its floor is ``alpha * lr * m_mul**k``,
+    or ``alpha * lr`` in every period with ``scale_floor=False`` (TensorFlow's
+    ``CosineDecayRestarts``: ``lr * ((1 - alpha) * m_mul**k * shape + alpha)``).
 
     Example:
         >>> import kopt
@@ -173,6 +192,7 @@ def cosine_decay(
     """
     decay_steps = check_count("decay_steps", decay_steps)
     restarts = check_bool("restarts", restarts)
+    scale_floor = check_bool("scale_floor", scale_floor)
     t_mul = as_real("t_mul", t_mul)
     if t_mul <= 0:
         raise ValueError(f"t_mul must be > 0, got {t_mul}")
@@ -189,7 +209,9 @@ def cosine_decay(
             start = decay_steps * (1 - t_mul**period) / (1 - t_mul)
             position, length = i - start, decay_steps * t_mul**period
         shape = 0.5 * (1 + jnp.cos(jnp.pi * position / length))
-        return lr * m_mul**period * ((1 - alpha) * shape + alpha)
+        if scale_floor:
+            return lr * m_mul**period * ((1 - alpha) * shape + alpha)
+        return lr * ((1 - alpha) * m_mul**period * shape + alpha)
 
     return Schedule(cosine, _checked(lr=lr, alpha=alpha, m_mul=m_mul))
 

@@ -19,6 +19,7 @@ import inspect
 from collections.abc import Mapping
 from typing import Any
 
+from kopt import tf_keras
 from kopt.base import GradientTransformation, OptState
 from kopt.optimizers import SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, Nadam, Optimizer, RMSprop
 from kopt.state import get_hyperparams
@@ -26,12 +27,18 @@ from kopt.state import get_hyperparams
 #: The optimizers ``get``/``deserialize`` know, by lower-case name.
 OPTIMIZERS = {c.__name__.lower(): c for c in (SGD, RMSprop, Adagrad, Adadelta, Adam, Adamax, Nadam, AdamW)}
 
-# Keras config keys whose hyperparameter has another name in the state.
-_STATE_NAMES = {"clipnorm": "max_norm", "clipvalue": "max_delta"}
+def serialize(opt: Optimizer, state: OptState | None = None, *, flavor: str | None = None) -> dict[str, Any]:
+    """The config of an optimizer built by kopt, in the format of ``flavor``.
 
-
-def serialize(opt: Optimizer, state: OptState | None = None) -> dict[str, Any]:
-    """``{"class_name": ..., "config": {...}}`` for an optimizer built by kopt.
+    ``flavor`` (default: the optimizer's own, ``opt.flavor``) is ``"keras"``
+    (Keras 2.2.4: ``{"class_name": ..., "config": {...}}``), ``"tf_keras.legacy"``
+    or ``"tf_keras"`` (TensorFlow's ``serialize()`` dict, with ``module`` and
+    ``registered_name``, which ``tf_keras.optimizers.deserialize`` reads back).
+    A Keras 2.2.4 optimizer is written as a ``"tf_keras.legacy"`` config with
+    the same meaning (``lr`` -> ``learning_rate``, ``clipnorm`` -> ``global_clipnorm``,
+    Nadam's ``schedule_decay`` -> ``decay``); what TensorFlow cannot express
+    (``clipnorm`` with ``clipvalue``: TensorFlow clips values first; kopt-only
+    options) is a ``ValueError`` naming it.
 
     Without ``state`` the values are those given to the constructor (defaults
     resolved, e.g. ``epsilon=1e-07``). With ``state`` every hyperparameter is
@@ -44,39 +51,147 @@ def serialize(opt: Optimizer, state: OptState | None = None) -> dict[str, Any]:
             f"serialize takes an optimizer built by kopt ({', '.join(c.__name__ for c in OPTIMIZERS.values())} "
             f"or kopt.get), got {type(opt).__name__}"
         )
+    flavor = opt.flavor if flavor is None else flavor
+    if flavor not in tf_keras.FLAVORS:
+        raise ValueError(f"flavor must be one of {', '.join(map(repr, tf_keras.FLAVORS))}, got {flavor!r}")
     config = dict(opt.config)
     for key, value in config.items():
         if callable(value):
             raise ValueError(f"cannot serialize {opt.class_name}: {key} is a schedule, not a number")
     if state is not None:
         held = get_hyperparams(state)
-        for key in config:
-            name = _STATE_NAMES.get(key, key)
-            if name in held:
+        for key, value in config.items():
+            name = _state_name(opt, key)
+            if name in held and not isinstance(value, (Mapping, bool)) and value is not None:
                 config[key] = float(held[name])
-    return {"class_name": opt.class_name, "config": config}
+    if flavor == opt.flavor:
+        if flavor == tf_keras.KERAS:
+            return {"class_name": opt.class_name, "config": config}
+        return _tf_dict(opt.class_name, config, flavor)
+    if opt.flavor == tf_keras.KERAS and flavor == tf_keras.LEGACY:
+        return _tf_dict(opt.class_name, _legacy_config(opt.class_name, config), flavor)
+    raise ValueError(
+        f"a {opt.flavor!r} optimizer cannot be written as a {flavor!r} config: the keys would mean other things; "
+        f"serialize it with flavor={opt.flavor!r}"
+    )
+
+
+def _state_name(opt: Optimizer, key: str) -> str:
+    """The state's name of the hyperparameter a config ``key`` holds."""
+    if key in ("clipnorm", "global_clipnorm"):
+        return "max_norm"
+    if key == "clipvalue":
+        return "max_delta"
+    if key == "learning_rate":
+        return "lr"
+    if key == "decay" and opt.class_name == "Nadam" and opt.flavor == tf_keras.LEGACY:
+        return "schedule_decay"
+    return key
+
+
+def _tf_dict(class_name: str, config: dict[str, Any], flavor: str) -> dict[str, Any]:
+    return {"module": tf_keras.MODULES[flavor], "class_name": class_name, "config": config, "registered_name": None}
+
+
+def _legacy_config(class_name: str, config: dict[str, Any]) -> dict[str, Any]:
+    """A Keras 2.2.4 config as the legacy TensorFlow config of the same optimizer."""
+    if class_name not in tf_keras.OPTIMIZERS or class_name == "AdamW":
+        raise ValueError(f"TensorFlow's legacy optimizers have no {class_name}")
+    config = dict(config)
+    refused = [key for key in ("state_dtype", "packed") if key in config]
+    if refused:
+        raise ValueError(f"TensorFlow has no {' or '.join(refused)}: build the optimizer without it to write it")
+    if config.get("clipnorm") and config.get("clipvalue"):
+        raise ValueError(
+            "clipnorm with clipvalue cannot be written for TensorFlow: Keras 2.2.4 clips the norm first, "
+            "TensorFlow clips values first"
+        )
+    result: dict[str, Any] = {"name": class_name}
+    if config.get("clipnorm"):
+        result["global_clipnorm"] = config.pop("clipnorm")  # Keras 2.2.4's clipnorm is a global norm
+    config.pop("clipnorm", None)
+    result["learning_rate"] = config.pop("lr")
+    if class_name == "Nadam":
+        result["decay"] = config.pop("schedule_decay")
+    if class_name == "Adagrad":
+        config.setdefault("initial_accumulator_value", 0.0)
+    if class_name == "RMSprop":
+        config.update(momentum=0.0, centered=False)
+    return {**result, **config}
 
 
 def _allowed(constructor) -> list[str]:
     return list(inspect.signature(constructor).parameters)
 
 
-def deserialize(config: Mapping[str, Any]) -> Optimizer:
-    """Builds the optimizer a :func:`serialize` config describes.
+#: Keys only the configs of TF >= 2.11's optimizers hold.
+_CURRENT_KEYS = ("weight_decay", "use_ema", "jit_compile", "ema_momentum")
 
-    ``class_name`` is matched case-insensitively. An unknown class name or
-    config key is a ``ValueError`` listing what is allowed. The caller's dict
-    is not modified.
+
+def config_flavor(config: Mapping[str, Any]) -> str:
+    """Which Keras wrote an optimizer config: ``"keras"``, ``"tf_keras.legacy"`` or ``"tf_keras"``.
+
+    ``is_legacy_optimizer`` decides when present; else TensorFlow's ``module``;
+    else a ``name`` (every TensorFlow config has one) means TensorFlow's, legacy
+    unless keys of TF >= 2.11 (``weight_decay``, ``use_ema``, ...) are there.
+    Anything else is Keras 2.2.4 (kopt's own configs).
     """
-    if not isinstance(config, Mapping) or set(config) != {"class_name", "config"}:
+    arguments = config.get("config")
+    arguments = arguments if isinstance(arguments, Mapping) else {}
+    if "is_legacy_optimizer" in arguments:
+        return tf_keras.LEGACY if arguments["is_legacy_optimizer"] else tf_keras.CURRENT
+    module = config.get("module")
+    if module == tf_keras.MODULES[tf_keras.LEGACY]:
+        return tf_keras.LEGACY
+    if module is not None or "name" in arguments:
+        return tf_keras.CURRENT if any(key in arguments for key in _CURRENT_KEYS) else tf_keras.LEGACY
+    return tf_keras.KERAS
+
+
+def deserialize(config: Mapping[str, Any], *, flavor: str | None = None) -> Optimizer:
+    """Builds the optimizer a config describes: kopt's, Keras 2.2.4's or TensorFlow's.
+
+    ``config`` is ``{"class_name": ..., "config": {...}}``, optionally with
+    TensorFlow's ``module`` and ``registered_name`` (what
+    ``tf_keras.optimizers.serialize`` writes, and the ``optimizer_config`` of a
+    saved model's training config). ``flavor`` (default: told from the config
+    itself, see :func:`config_flavor`) picks the meaning of its keys:
+    ``"keras"`` builds ``kopt.Adam`` etc., ``"tf_keras.legacy"`` / ``"tf_keras"``
+    build ``kopt.tf_keras.Adam(..., is_legacy_optimizer=...)`` with TensorFlow's
+    defaults. ``class_name`` is matched case-insensitively. An unknown class
+    name or config key is a ``ValueError`` listing what is allowed. The
+    caller's dict is not modified.
+
+    Example:
+        >>> import kopt
+        >>> kopt.deserialize({"class_name": "adagrad", "config": {"name": "Adagrad"}}).config["learning_rate"]
+        0.001
+    """
+    if (
+        not isinstance(config, Mapping)
+        or not {"class_name", "config"} <= set(config)
+        or not set(config) <= {"class_name", "config", "module", "registered_name"}
+    ):
         raise ValueError(
-            f"Improper config format: {config!r}; expected a dict with exactly the keys 'class_name' and 'config'"
+            f"Improper config format: {config!r}; expected a dict with the keys 'class_name' and 'config' "
+            "(and, as TensorFlow writes them, optionally 'module' and 'registered_name')"
         )
+    flavor = config_flavor(config) if flavor is None else flavor
+    if flavor not in tf_keras.FLAVORS:
+        raise ValueError(f"flavor must be one of {', '.join(map(repr, tf_keras.FLAVORS))}, got {flavor!r}")
     class_name, arguments = config["class_name"], config["config"]
-    if not isinstance(class_name, str) or class_name.lower() not in OPTIMIZERS:
-        raise ValueError(f"Unknown optimizer: {class_name!r}; known: {', '.join(sorted(OPTIMIZERS))}")
     if not isinstance(arguments, Mapping):
         raise ValueError(f"the 'config' of {class_name} must be a dict, got {type(arguments).__name__}")
+    if flavor != tf_keras.KERAS:
+        known = {name.lower(): constructor for name, constructor in tf_keras.OPTIMIZERS.items()}
+        if not isinstance(class_name, str) or class_name.lower() not in known:
+            raise ValueError(f"Unknown TensorFlow optimizer: {class_name!r}; known: {', '.join(tf_keras.OPTIMIZERS)}")
+        try:
+            return known[class_name.lower()](**{**arguments, "is_legacy_optimizer": flavor == tf_keras.LEGACY})
+        except TypeError as error:  # an unknown key: a bad config is a ValueError, as for kopt's own
+            raise ValueError(str(error)) from None
+    if not isinstance(class_name, str) or class_name.lower() not in OPTIMIZERS:
+        raise ValueError(f"Unknown optimizer: {class_name!r}; known: {', '.join(sorted(OPTIMIZERS))}")
     constructor = OPTIMIZERS[class_name.lower()]
     unknown = [key for key in arguments if key not in _allowed(constructor)]
     if unknown:

@@ -150,20 +150,43 @@ def trace(momentum: float = 0.0, nesterov: bool = False, state_dtype: Any = None
 
 class ScaleByRmsState(NamedTuple):
     accumulator: Updates
+    mean_grad: Updates | None
     hyperparams: HyperParams
 
 
-def _rms_array(g, accumulator, rho, epsilon):
+def _root(x, epsilon, epsilon_in_sqrt):
+    """``sqrt(x + epsilon)`` or ``sqrt(x) + epsilon``: where epsilon sits is where the Keras versions differ."""
+    return jnp.sqrt(x + epsilon) if epsilon_in_sqrt else jnp.sqrt(x) + epsilon
+
+
+def _rms_array(g, accumulator, mean_grad, rho, epsilon, epsilon_in_sqrt):
     accumulator = rho * accumulator + (1 - rho) * jnp.square(g)
-    return g / (jnp.sqrt(accumulator) + epsilon), accumulator
+    second_moment = accumulator
+    if mean_grad is not None:
+        mean_grad = rho * mean_grad + (1 - rho) * g
+        second_moment = accumulator - jnp.square(mean_grad)
+    return g / _root(second_moment, epsilon, epsilon_in_sqrt), accumulator, mean_grad
 
 
-def scale_by_rms(rho: float = 0.9, epsilon: float = 1e-7, state_dtype: Any = None) -> GradientTransformation:
+def scale_by_rms(
+    rho: float = 0.9,
+    epsilon: float = 1e-7,
+    state_dtype: Any = None,
+    *,
+    centered: bool = False,
+    epsilon_in_sqrt: bool = False,
+) -> GradientTransformation:
     """RMSprop's scaling (Keras 2): ``a <- rho*a + (1-rho)*g**2``; ``g <- g / (sqrt(a) + epsilon)``.
 
     ``a`` starts at zero; the new ``a`` (including this gradient) is used, and
     ``epsilon`` is added outside the square root. Defaults ``rho=0.9``,
     ``epsilon=1e-7``.
+
+    Two options of TensorFlow's RMSprop (off by default, Keras 2.2.4 has neither):
+    ``centered=True`` also keeps ``mean_grad <- rho*mean_grad + (1-rho)*g`` and
+    divides by ``sqrt(a - mean_grad**2)`` (a variance, not a raw second moment);
+    ``epsilon_in_sqrt=True`` divides by ``sqrt(a + epsilon)`` instead, as TF's
+    RMSprop with momentum and TF >= 2.11's RMSprop do.
 
     Example:
         >>> import kopt
@@ -171,16 +194,24 @@ def scale_by_rms(rho: float = 0.9, epsilon: float = 1e-7, state_dtype: Any = Non
     """
     values = _checked(rho=rho, epsilon=epsilon)
     state_dtype = check_state_dtype(state_dtype)
+    centered = check_bool("centered", centered)
+    epsilon_in_sqrt = check_bool("epsilon_in_sqrt", epsilon_in_sqrt)
 
     def init(params):
-        return ScaleByRmsState(zeros_slots(params, state_dtype), init_hyperparams(values, params))
+        mean_grad = zeros_slots(params, state_dtype) if centered else None
+        return ScaleByRmsState(zeros_slots(params, state_dtype), mean_grad, init_hyperparams(values, params))
 
     @expects(ScaleByRmsState)
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
         rho, epsilon = state.hyperparams["rho"], state.hyperparams["epsilon"]
-        updates, accumulator = map_arrays(lambda g, a: _rms_array(g, a, rho, epsilon), updates, state.accumulator)
-        return updates, ScaleByRmsState(accumulator, state.hyperparams)
+        updates, accumulator, mean_grad = map_arrays(
+            lambda g, a, mg: _rms_array(g, a, mg, rho, epsilon, epsilon_in_sqrt),
+            updates,
+            state.accumulator,
+            state.mean_grad,
+        )
+        return updates, ScaleByRmsState(accumulator, mean_grad, state.hyperparams)
 
     return GradientTransformation(init, update)
 
@@ -190,32 +221,45 @@ class ScaleByAdagradState(NamedTuple):
     hyperparams: HyperParams
 
 
-def _adagrad_array(g, accumulator, epsilon):
+def _adagrad_array(g, accumulator, epsilon, epsilon_in_sqrt):
     accumulator = accumulator + jnp.square(g)
-    return g / (jnp.sqrt(accumulator) + epsilon), accumulator
+    return g / _root(accumulator, epsilon, epsilon_in_sqrt), accumulator
 
 
-def scale_by_adagrad(epsilon: float = 1e-7, state_dtype: Any = None) -> GradientTransformation:
+def scale_by_adagrad(
+    epsilon: float = 1e-7,
+    state_dtype: Any = None,
+    *,
+    initial_accumulator_value: float = 0.0,
+    epsilon_in_sqrt: bool = False,
+) -> GradientTransformation:
     """Adagrad's scaling (Keras 2): ``a <- a + g**2``; ``g <- g / (sqrt(a) + epsilon)``.
 
-    ``a`` starts at exactly zero (no 0.1 initial accumulator as in optax/TF).
-    Default ``epsilon=1e-7``.
+    ``a`` starts at ``initial_accumulator_value``: 0 by default, as in Keras
+    2.2.4 (TensorFlow's Keras and optax start at 0.1). ``epsilon_in_sqrt=True``
+    divides by ``sqrt(a + epsilon)``, as TF >= 2.11's Adagrad does. Default
+    ``epsilon=1e-7``.
 
     Example:
         >>> import kopt
         >>> adagrad = kopt.chain(kopt.scale_by_adagrad(), kopt.scale_by_learning_rate(0.01))
     """
     values = _checked(epsilon=epsilon)
+    initial = check_hyperparam("initial_accumulator_value", initial_accumulator_value)
     state_dtype = check_state_dtype(state_dtype)
+    epsilon_in_sqrt = check_bool("epsilon_in_sqrt", epsilon_in_sqrt)
 
     def init(params):
-        return ScaleByAdagradState(zeros_slots(params, state_dtype), init_hyperparams(values, params))
+        accumulator = jax.tree.map(lambda zeros: zeros + initial, zeros_slots(params, state_dtype))
+        return ScaleByAdagradState(accumulator, init_hyperparams(values, params))
 
     @expects(ScaleByAdagradState)
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
         epsilon = state.hyperparams["epsilon"]
-        updates, accumulator = map_arrays(lambda g, a: _adagrad_array(g, a, epsilon), updates, state.accumulator)
+        updates, accumulator = map_arrays(
+            lambda g, a: _adagrad_array(g, a, epsilon, epsilon_in_sqrt), updates, state.accumulator
+        )
         return updates, ScaleByAdagradState(accumulator, state.hyperparams)
 
     return GradientTransformation(init, update)

@@ -50,6 +50,7 @@ RANGES: dict[str, Range] = {
     "beta_2": UNIT_INTERVAL,
     "epsilon": NON_NEGATIVE,
     "schedule_decay": NON_NEGATIVE,
+    "initial_accumulator_value": NON_NEGATIVE,
     "max_norm": POSITIVE,
     "max_delta": POSITIVE,
     # schedules

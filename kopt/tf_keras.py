@@ -1,0 +1,505 @@
+"""TensorFlow's Keras 2 optimizers: tf.keras 2.x and ``tf_keras``, with their signatures, defaults and numbers.
+
+Most code that still says "Keras 2" runs TensorFlow's Keras, whose optimizers
+share Keras 2.2.4's update rules but not all of its defaults and options. The
+constructors here take TensorFlow's arguments and mean by each what TensorFlow
+means, so a model ported from ``tf.keras`` follows the same trajectory. Each
+is a chain of the same transforms as :mod:`kopt.optimizers`.
+
+Two generations of TensorFlow optimizers exist, chosen by
+``is_legacy_optimizer`` (the key TensorFlow writes in its configs):
+
+* ``True`` (default): ``OptimizerV2``, i.e. ``tf.keras.optimizers.X`` up to TF
+  2.10 and ``tf.keras.optimizers.legacy.X`` / ``tf_keras.optimizers.legacy.X``
+  after it. Has ``decay`` (inverse-time learning-rate decay, as Keras 2.2.4).
+* ``False``: the optimizers of TF >= 2.11 (``tf_keras.optimizers.X``). No
+  ``decay``; ``weight_decay`` (decoupled: ``p <- p - lr * weight_decay * p``);
+  epsilon inside the square root for RMSprop and Adagrad; Nadam's momentum
+  schedule ``0.96**t`` (``schedule_decay = 1``).
+
+Where TensorFlow differs from Keras 2.2.4 (``kopt.Adam`` etc.):
+
+=========================  =====================================  ==========================================
+                           Keras 2.2.4 (``kopt.X``)               TensorFlow (``kopt.tf_keras.X``)
+=========================  =====================================  ==========================================
+``clipnorm``               one global norm over all leaves        each variable's own norm (``clip_by_norm``)
+``global_clipnorm``        --                                     Keras 2.2.4's ``clipnorm``
+clip order                 norm, then ``clipvalue``               legacy: ``clipvalue``, then the norm;
+                                                                  TF >= 2.11: the norm clip *instead of*
+                                                                  ``clipvalue`` (a warning says so)
+Adagrad                    ``lr=0.01``, accumulator from 0        ``learning_rate=0.001``, from 0.1
+Adadelta ``lr``            1.0                                    0.001
+Adamax, Nadam ``lr``       0.002                                  0.001
+Nadam ``decay``            refused                                its ``schedule_decay`` (0.004)
+RMSprop                    --                                     ``momentum``, ``centered``
+=========================  =====================================  ==========================================
+
+``learning_rate`` is a number, a TensorFlow schedule config (``{"class_name":
+"ExponentialDecay", "config": {...}}``, as ``get_config`` writes it; see
+:func:`schedule_from_config`) or a kopt schedule. ``name`` is kept in the
+config and nothing else. ``jit_compile``, ``ema_momentum`` and
+``ema_overwrite_frequency`` (with ``use_ema=False``) change nothing and are
+kept; ``use_ema=True`` is refused (TensorFlow overwrites the model's weights
+with their moving average, which a gradient transformation cannot do: see
+``kopt.ema_params``).
+
+    >>> import kopt
+    >>> opt = kopt.tf_keras.Adagrad()                   # == tf_keras.optimizers.legacy.Adagrad()
+    >>> opt.config["learning_rate"], opt.config["initial_accumulator_value"]
+    (0.001, 0.1)
+    >>> opt = kopt.deserialize({"class_name": "Adam", "config": {"name": "Adam", "learning_rate": 0.01,
+    ...                         "decay": 0.0, "beta_1": 0.9, "beta_2": 0.999, "epsilon": 1e-07, "amsgrad": False}})
+    >>> opt.flavor
+    'tf_keras.legacy'
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from kopt import schedules
+from kopt.base import GradientTransformation, chain
+from kopt.clipping import clip_by_global_norm, clip_by_norm, clip_by_value
+from kopt.optimizers import LearningRate, Optimizer
+from kopt.transforms import (
+    add_decayed_weights,
+    scale_by_adadelta,
+    scale_by_adagrad,
+    scale_by_adam,
+    scale_by_adamax,
+    scale_by_learning_rate,
+    scale_by_nadam,
+    scale_by_rms,
+    trace,
+)
+from kopt.validation import as_real, check_bool, check_clip_option, check_hyperparam
+
+__all__ = ["SGD", "RMSprop", "Adagrad", "Adadelta", "Adam", "Adamax", "Nadam", "AdamW", "schedule_from_config"]
+
+#: The flavors of optimizer configs: ``kopt.serialize(opt, flavor=...)``.
+KERAS, LEGACY, CURRENT = "keras", "tf_keras.legacy", "tf_keras"
+FLAVORS = (KERAS, LEGACY, CURRENT)
+#: The ``module`` TensorFlow's ``serialize`` writes for each generation.
+MODULES = {LEGACY: "keras.optimizers.legacy", CURRENT: "keras.optimizers"}
+
+_COMMON = ("name", "clipnorm", "clipvalue", "global_clipnorm", "lr", "is_legacy_optimizer")
+_LEGACY_ONLY = ("decay",)
+_CURRENT_ONLY = ("weight_decay", "use_ema", "ema_momentum", "ema_overwrite_frequency", "jit_compile")
+
+
+# --------------------------------------------------------------------------- learning-rate schedules
+
+
+def _steps(owner: str, key: str, value: Any) -> int:
+    """TensorFlow accepts float step counts; kopt's schedules count whole steps."""
+    number = as_real(f"{owner} {key}", value)
+    if number != int(number) or number < 1:
+        raise ValueError(f"{owner} {key} must be a whole number of steps >= 1, got {value!r}")
+    return int(number)
+
+
+def _exponential(c: Mapping[str, Any]) -> schedules.Schedule:
+    steps = _steps("ExponentialDecay", "decay_steps", c["decay_steps"])
+    return schedules.exponential_decay(c["initial_learning_rate"], steps, c["decay_rate"], c.get("staircase", False))
+
+
+def _inverse_time(c: Mapping[str, Any]) -> schedules.Schedule:
+    steps = _steps("InverseTimeDecay", "decay_steps", c["decay_steps"])
+    return schedules.inverse_time_decay(c["initial_learning_rate"], c["decay_rate"], steps, c.get("staircase", False))
+
+
+def _polynomial(c: Mapping[str, Any]) -> schedules.Schedule:
+    steps = _steps("PolynomialDecay", "decay_steps", c["decay_steps"])
+    return schedules.polynomial_decay(
+        c["initial_learning_rate"], c.get("end_learning_rate", 0.0001), steps, c.get("power", 1.0), c.get("cycle", False)
+    )
+
+
+def _piecewise(c: Mapping[str, Any]) -> schedules.Schedule:
+    # TensorFlow switches to values[j + 1] once step > boundaries[j]; kopt once step >= its boundary.
+    boundaries, values = list(c["boundaries"]), [as_real("PiecewiseConstantDecay values", v) for v in c["values"]]
+    if len(values) != len(boundaries) + 1:
+        raise ValueError(f"PiecewiseConstantDecay needs len(boundaries) + 1 values, got {len(values)} values")
+    if any(previous == 0 and value != 0 for previous, value in zip(values, values[1:], strict=False)):
+        raise ValueError(f"PiecewiseConstantDecay values {values}: kopt scales its rate, so a 0 cannot rise again")
+    steps = [math.floor(as_real("PiecewiseConstantDecay boundaries", b)) + 1 for b in boundaries]
+    scales = [value / previous if previous else 0.0 for previous, value in zip(values, values[1:], strict=False)]
+    return schedules.piecewise_constant(values[0], steps, scales)
+
+
+def _cosine(c: Mapping[str, Any]) -> schedules.Schedule:
+    steps = _steps("CosineDecay", "decay_steps", c["decay_steps"])
+    alpha, target = c.get("alpha", 0.0), c.get("warmup_target")
+    if target is None:
+        return schedules.cosine_decay(c["initial_learning_rate"], steps, alpha)
+    decay = schedules.cosine_decay(target, steps, alpha)
+    warmup_steps = c.get("warmup_steps", 0)
+    if not warmup_steps:
+        return decay
+    warmup_steps = _steps("CosineDecay", "warmup_steps", warmup_steps)
+    warmup = schedules.linear_warmup(target, warmup_steps, init_lr=c["initial_learning_rate"])
+    return schedules.join_schedules([warmup, decay], [warmup_steps])
+
+
+def _cosine_restarts(c: Mapping[str, Any]) -> schedules.Schedule:
+    steps = _steps("CosineDecayRestarts", "first_decay_steps", c["first_decay_steps"])
+    return schedules.cosine_decay(
+        c["initial_learning_rate"],
+        steps,
+        c.get("alpha", 0.0),
+        restarts=True,
+        t_mul=c.get("t_mul", 2.0),
+        m_mul=c.get("m_mul", 1.0),
+        scale_floor=False,
+    )
+
+
+_SCHEDULES: dict[str, Callable[[Mapping[str, Any]], schedules.Schedule]] = {
+    "ExponentialDecay": _exponential,
+    "PiecewiseConstantDecay": _piecewise,
+    "InverseTimeDecay": _inverse_time,
+    "PolynomialDecay": _polynomial,
+    "CosineDecay": _cosine,
+    "CosineDecayRestarts": _cosine_restarts,
+}
+
+
+def schedule_from_config(config: Mapping[str, Any]) -> schedules.Schedule:
+    """The kopt schedule of a TensorFlow ``LearningRateSchedule`` config, with TensorFlow's formula.
+
+    ``config`` is what ``tf_keras.optimizers.schedules.serialize`` writes
+    (``{"class_name": ..., "config": {...}}``, with or without ``module``):
+    ``ExponentialDecay``, ``PiecewiseConstantDecay``, ``InverseTimeDecay``,
+    ``PolynomialDecay`` (``cycle`` too), ``CosineDecay`` (with warm-up) and
+    ``CosineDecayRestarts``. Any other class (a custom schedule is code) is a
+    ``ValueError`` naming it.
+
+    Example:
+        >>> import kopt
+        >>> schedule = kopt.tf_keras.schedule_from_config({"class_name": "ExponentialDecay", "config": {
+        ...     "initial_learning_rate": 0.1, "decay_steps": 10, "decay_rate": 0.5, "staircase": True}})
+        >>> [round(float(schedule(i)), 3) for i in (0, 10, 20)]
+        [0.1, 0.05, 0.025]
+    """
+    class_name = config.get("class_name") if isinstance(config, Mapping) else None
+    arguments = config.get("config") if isinstance(config, Mapping) else None
+    if class_name not in _SCHEDULES or not isinstance(arguments, Mapping):
+        raise ValueError(
+            f"learning_rate {config!r} is not a TensorFlow schedule config kopt knows; known: {', '.join(_SCHEDULES)}"
+        )
+    try:
+        return _SCHEDULES[class_name](arguments)
+    except KeyError as missing:
+        raise ValueError(f"{class_name} config lacks {missing}: {dict(arguments)!r}") from None
+
+
+# --------------------------------------------------------------------------- shared construction
+
+
+def _options(class_name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Checks TensorFlow's common keyword arguments; returns them with the defaults of their generation."""
+    legacy = check_bool("is_legacy_optimizer", options.pop("is_legacy_optimizer", True))
+    allowed = _COMMON + (_LEGACY_ONLY if legacy else _CURRENT_ONLY)
+    unknown = [key for key in options if key not in allowed]
+    if unknown:
+        other = _CURRENT_ONLY if legacy else _LEGACY_ONLY
+        reasons = [
+            f"{key!r} (of {'TF >= 2.11' if legacy else 'the legacy'} optimizers)" if key in other else repr(key)
+            for key in unknown
+        ]
+        raise TypeError(
+            f"kopt.tf_keras.{class_name}(is_legacy_optimizer={legacy}) cannot honour {', '.join(reasons)}; "
+            f"its keys are the class's own and {', '.join(allowed)}"
+        )
+    given = {key: options.get(key) for key in ("clipnorm", "global_clipnorm", "clipvalue")}
+    for key, value in given.items():
+        check_clip_option(key, value)
+    if given["clipnorm"] is not None and given["global_clipnorm"] is not None:
+        raise ValueError("give at most one of clipnorm (per variable) and global_clipnorm, as TensorFlow requires")
+    if legacy:
+        return {"is_legacy_optimizer": True, "name": class_name, "decay": 0.0, **options}
+    if check_bool("use_ema", options.get("use_ema", False)):
+        raise ValueError(
+            "use_ema=True cannot be honoured: TensorFlow overwrites the model's weights with their moving average "
+            "every ema_overwrite_frequency steps, which a gradient transformation cannot do "
+            "(kopt.ema_params keeps the average beside the weights instead)"
+        )
+    defaults = {
+        "name": class_name,
+        "weight_decay": None,
+        "clipnorm": None,
+        "global_clipnorm": None,
+        "clipvalue": None,
+        "use_ema": False,
+        "ema_momentum": 0.99,
+        "ema_overwrite_frequency": None,
+        "jit_compile": True,
+    }
+    return {**defaults, **options, "is_legacy_optimizer": False}
+
+
+def _learning_rate(learning_rate: Any, options: dict[str, Any]) -> Any:
+    lr = options.pop("lr", None)
+    return learning_rate if lr is None else lr
+
+
+def _schedule(learning_rate: Any, decay: float) -> LearningRate:
+    """The rate ``scale_by_learning_rate`` gets: TF's legacy ``lr / (1 + decay * i)`` or a schedule."""
+    if isinstance(learning_rate, Mapping):
+        learning_rate = schedule_from_config(learning_rate)
+    if callable(learning_rate):
+        if check_hyperparam("decay", decay) != 0:
+            raise ValueError("decay with a learning-rate schedule is not supported: put the decay in the schedule")
+        return learning_rate
+    return schedules.inverse_time_decay(learning_rate, decay)
+
+
+def _clipping(class_name: str, options: Mapping[str, Any]) -> list[GradientTransformation]:
+    clipnorm, global_clipnorm = options.get("clipnorm"), options.get("global_clipnorm")
+    clipvalue = options.get("clipvalue")
+    norm = []
+    if clipnorm:  # None or 0 mean off
+        norm = [clip_by_norm(clipnorm)]
+    elif global_clipnorm:
+        norm = [clip_by_global_norm(global_clipnorm)]
+    value = [clip_by_value(clipvalue)] if clipvalue else []
+    if options["is_legacy_optimizer"]:
+        return value + norm  # OptimizerV2 clips values first, then norms
+    if norm and value:
+        warnings.warn(
+            f"{class_name}(clipvalue={clipvalue}) with a norm clip: TF >= 2.11 applies only the norm clip "
+            "and ignores clipvalue; kopt does the same to give TensorFlow's numbers",
+            UserWarning,
+            stacklevel=4,
+        )
+        return norm
+    return norm or value
+
+
+def _optimizer(
+    class_name: str,
+    config: dict[str, Any],
+    options: dict[str, Any],
+    scaling: list[GradientTransformation],
+    *,
+    momentum: GradientTransformation | None = None,
+) -> Optimizer:
+    """``[clipping], scaling, [weight decay], learning rate, [momentum]`` labelled with its TensorFlow config.
+
+    ``momentum`` (SGD, RMSprop) comes after the learning rate so that its
+    velocity holds lr-scaled steps, as TensorFlow's does.
+    """
+    legacy = options["is_legacy_optimizer"]
+    rate = _schedule(config["learning_rate"], options.get("decay", 0.0) if legacy else 0.0)
+    decay = []
+    weight_decay = options.get("weight_decay")
+    if weight_decay:
+        if momentum is not None:
+            raise ValueError(
+                f"{class_name}(weight_decay=..., momentum > 0) cannot be honoured: TensorFlow decays the variable "
+                "outside the momentum, which this chain cannot express; use momentum=0 or kopt.add_decayed_weights"
+            )
+        decay = [add_decayed_weights(weight_decay)]
+    transform = chain(
+        *_clipping(class_name, options), *scaling, *decay, scale_by_learning_rate(rate), *([momentum] if momentum else [])
+    )
+    ordered = {"name": options.pop("name"), **{k: v for k, v in options.items() if k != "is_legacy_optimizer"}}
+    if not legacy:
+        ordered["is_legacy_optimizer"] = False
+    return Optimizer(transform, class_name, {**ordered, **config}, LEGACY if legacy else CURRENT)
+
+
+# --------------------------------------------------------------------------- the optimizers
+
+
+def SGD(learning_rate: Any = 0.01, momentum: float = 0.0, nesterov: bool = False, **options: Any) -> Optimizer:
+    """TensorFlow's SGD: ``v <- momentum*v - lr_i*g``; ``p <- p + v`` (Nesterov: ``p + momentum*v - lr_i*g``).
+
+    Without momentum (the default) there is no velocity: ``p <- p - lr_i*g``.
+    Defaults ``learning_rate=0.01, momentum=0, nesterov=False``.
+    Chain: clipping, ``scale_by_learning_rate``, ``trace(momentum, nesterov)`` if ``momentum > 0``.
+
+    Example:
+        >>> import kopt
+        >>> opt = kopt.tf_keras.SGD(0.1, momentum=0.9, global_clipnorm=1.0)
+    """
+    learning_rate = _learning_rate(learning_rate, options)
+    options = _options("SGD", options)
+    config = {"learning_rate": learning_rate, "momentum": momentum, "nesterov": nesterov}
+    velocity = trace(momentum, nesterov) if check_hyperparam("momentum", momentum) > 0 else None
+    return _optimizer("SGD", config, options, [], momentum=velocity)
+
+
+def RMSprop(
+    learning_rate: Any = 0.001,
+    rho: float = 0.9,
+    momentum: float = 0.0,
+    epsilon: float = 1e-7,
+    centered: bool = False,
+    **options: Any,
+) -> Optimizer:
+    """TensorFlow's RMSprop: ``a <- rho*a + (1-rho)*g**2``; ``p <- p - lr_i * g / sqrt(a) ...``.
+
+    Legacy without momentum: ``g / (sqrt(a) + epsilon)`` (Keras 2.2.4's rule);
+    with ``momentum > 0`` and in TF >= 2.11: ``g / sqrt(a + epsilon)``, and the
+    step ``lr_i * g / ...`` goes through a velocity ``v <- momentum*v + step``.
+    ``centered=True`` uses ``a - mean_grad**2``. Defaults ``learning_rate=0.001,
+    rho=0.9, momentum=0, epsilon=1e-7, centered=False``. Note: TensorFlow's
+    ``momentum`` weight is ``-velocity`` (it holds the positive step).
+
+    Example:
+        >>> import kopt
+        >>> opt = kopt.tf_keras.RMSprop(momentum=0.9, centered=True)
+    """
+    learning_rate = _learning_rate(learning_rate, options)
+    options = _options("RMSprop", options)
+    has_momentum = check_hyperparam("momentum", momentum) > 0
+    in_sqrt = has_momentum or not options["is_legacy_optimizer"]
+    config = {"learning_rate": learning_rate, "rho": rho, "momentum": momentum, "epsilon": epsilon, "centered": centered}
+    scaling = scale_by_rms(rho, epsilon, centered=centered, epsilon_in_sqrt=in_sqrt)
+    return _optimizer("RMSprop", config, options, [scaling], momentum=trace(momentum) if has_momentum else None)
+
+
+def Adagrad(
+    learning_rate: Any = 0.001, initial_accumulator_value: float = 0.1, epsilon: float = 1e-7, **options: Any
+) -> Optimizer:
+    """TensorFlow's Adagrad: ``a <- a + g**2`` from ``initial_accumulator_value``; ``p <- p - lr_i*g / (sqrt(a) + eps)``.
+
+    TF >= 2.11 divides by ``sqrt(a + epsilon)``. Defaults ``learning_rate=0.001,
+    initial_accumulator_value=0.1, epsilon=1e-7`` (Keras 2.2.4: 0.01 and 0).
+
+    Example:
+        >>> import kopt
+        >>> opt = kopt.tf_keras.Adagrad(initial_accumulator_value=0.0)
+    """
+    learning_rate = _learning_rate(learning_rate, options)
+    options = _options("Adagrad", options)
+    config = {"learning_rate": learning_rate, "initial_accumulator_value": initial_accumulator_value, "epsilon": epsilon}
+    scaling = scale_by_adagrad(
+        epsilon,
+        initial_accumulator_value=initial_accumulator_value,
+        epsilon_in_sqrt=not options["is_legacy_optimizer"],
+    )
+    return _optimizer("Adagrad", config, options, [scaling])
+
+
+def Adadelta(learning_rate: Any = 0.001, rho: float = 0.95, epsilon: float = 1e-7, **options: Any) -> Optimizer:
+    """TensorFlow's Adadelta: Keras 2.2.4's rule (:func:`kopt.scale_by_adadelta`), default ``learning_rate=0.001``.
+
+    Defaults ``learning_rate=0.001, rho=0.95, epsilon=1e-7`` (Keras 2.2.4: ``lr=1.0``).
+
+    Example:
+        >>> import kopt
+        >>> opt = kopt.tf_keras.Adadelta(learning_rate=1.0)
+    """
+    learning_rate = _learning_rate(learning_rate, options)
+    options = _options("Adadelta", options)
+    config = {"learning_rate": learning_rate, "rho": rho, "epsilon": epsilon}
+    return _optimizer("Adadelta", config, options, [scale_by_adadelta(rho, epsilon)])
+
+
+def Adam(
+    learning_rate: Any = 0.001,
+    beta_1: float = 0.9,
+    beta_2: float = 0.999,
+    epsilon: float = 1e-7,
+    amsgrad: bool = False,
+    **options: Any,
+) -> Optimizer:
+    """TensorFlow's Adam: Keras 2.2.4's rule (:func:`kopt.scale_by_adam`; epsilon meets the uncorrected ``v``).
+
+    Defaults ``learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7, amsgrad=False``.
+
+    Example:
+        >>> import kopt
+        >>> opt = kopt.tf_keras.Adam(learning_rate=1e-3, global_clipnorm=1.0)
+    """
+    learning_rate = _learning_rate(learning_rate, options)
+    options = _options("Adam", options)
+    config = {"learning_rate": learning_rate, "beta_1": beta_1, "beta_2": beta_2, "epsilon": epsilon, "amsgrad": amsgrad}
+    return _optimizer("Adam", config, options, [scale_by_adam(beta_1, beta_2, epsilon, amsgrad)])
+
+
+def AdamW(
+    learning_rate: Any = 0.001,
+    weight_decay: float = 0.004,
+    beta_1: float = 0.9,
+    beta_2: float = 0.999,
+    epsilon: float = 1e-7,
+    amsgrad: bool = False,
+    **options: Any,
+) -> Optimizer:
+    """TensorFlow's AdamW (TF >= 2.11 only): :func:`Adam` plus ``p <- p - lr * weight_decay * p``.
+
+    Defaults ``learning_rate=0.001, weight_decay=0.004``, the rest as :func:`Adam`.
+
+    Example:
+        >>> import kopt
+        >>> opt = kopt.tf_keras.AdamW(weight_decay=0.01)
+    """
+    learning_rate = _learning_rate(learning_rate, options)
+    if options.get("is_legacy_optimizer", False):
+        raise ValueError("AdamW has no legacy TensorFlow optimizer: is_legacy_optimizer must be False")
+    options = _options("AdamW", {**options, "is_legacy_optimizer": False, "weight_decay": weight_decay})
+    config = {"learning_rate": learning_rate, "beta_1": beta_1, "beta_2": beta_2, "epsilon": epsilon, "amsgrad": amsgrad}
+    return _optimizer("AdamW", config, options, [scale_by_adam(beta_1, beta_2, epsilon, amsgrad)])
+
+
+def Adamax(
+    learning_rate: Any = 0.001, beta_1: float = 0.9, beta_2: float = 0.999, epsilon: float = 1e-7, **options: Any
+) -> Optimizer:
+    """TensorFlow's Adamax: Keras 2.2.4's rule (:func:`kopt.scale_by_adamax`), default ``learning_rate=0.001``.
+
+    Defaults ``learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7`` (Keras 2.2.4: ``lr=0.002``).
+
+    Example:
+        >>> import kopt
+        >>> opt = kopt.tf_keras.Adamax()
+    """
+    learning_rate = _learning_rate(learning_rate, options)
+    options = _options("Adamax", options)
+    config = {"learning_rate": learning_rate, "beta_1": beta_1, "beta_2": beta_2, "epsilon": epsilon}
+    return _optimizer("Adamax", config, options, [scale_by_adamax(beta_1, beta_2, epsilon)])
+
+
+def Nadam(
+    learning_rate: Any = 0.001, beta_1: float = 0.9, beta_2: float = 0.999, epsilon: float = 1e-7, **options: Any
+) -> Optimizer:
+    """TensorFlow's Nadam: Keras 2.2.4's rule (:func:`kopt.scale_by_nadam`), no learning-rate decay.
+
+    Legacy: ``decay`` (default 0.004; ``schedule_decay`` is accepted for it) is
+    the momentum schedule's decay, not a learning-rate decay. TF >= 2.11 uses
+    ``mu_t = beta_1 * (1 - 0.5 * 0.96**t)``, i.e. a schedule decay of 1.
+    Defaults ``learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7``.
+
+    Example:
+        >>> import kopt
+        >>> opt = kopt.tf_keras.Nadam(decay=0.004)
+    """
+    learning_rate = _learning_rate(learning_rate, options)
+    if "schedule_decay" in options:
+        if "decay" in options:
+            raise ValueError("give Nadam's schedule decay as decay or as schedule_decay, not both")
+        options["decay"] = options.pop("schedule_decay")
+    legacy = options.get("is_legacy_optimizer", True)
+    options = _options("Nadam", {"decay": 0.004, **options} if legacy is True else options)
+    schedule_decay = options.pop("decay") if options["is_legacy_optimizer"] else 1.0
+    config = {"learning_rate": learning_rate, "beta_1": beta_1, "beta_2": beta_2, "epsilon": epsilon}
+    if options["is_legacy_optimizer"]:
+        config = {"learning_rate": learning_rate, "decay": schedule_decay, **config}
+    if isinstance(learning_rate, Mapping) or callable(learning_rate):
+        if options["is_legacy_optimizer"]:
+            raise ValueError(
+                "TensorFlow's legacy Nadam cannot take a learning-rate schedule (it fails at its first step)"
+            )
+    scaling = scale_by_nadam(beta_1, beta_2, epsilon, schedule_decay)
+    return _optimizer("Nadam", config, options, [scaling])
+
+
+#: TensorFlow's optimizers by class name.
+OPTIMIZERS: dict[str, Callable[..., Optimizer]] = {
+    f.__name__: f for f in (SGD, RMSprop, Adagrad, Adadelta, Adam, Adamax, Nadam, AdamW)
+}
