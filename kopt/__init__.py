@@ -3,12 +3,12 @@
 The public API is exactly what this module names; everything else is private.
 """
 
+from kopt import tf_keras
 from kopt.averaging import EmaParamsState, LookaheadState, ema_params, lookahead
 from kopt.base import EmptyState, GradientTransformation, apply_updates, chain, identity
 from kopt.checkpoint import CheckpointCorruptedError, load_state, read_checkpoint_header, save_state
 from kopt.clipping import ClipState, clip_by_global_norm, clip_by_norm, clip_by_value
 from kopt.groups import MaskedState, PartitionState, masked, partition
-from kopt import tf_keras
 from kopt.keras_weights import from_keras_weights, to_keras_weights
 from kopt.optimizers import SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, Nadam, Optimizer, RMSprop
 from kopt.packing import PackedArrays, PackedState, packed

@@ -56,9 +56,7 @@ class Optimizer(GradientTransformation):
     config: dict[str, Any]
     flavor: str
 
-    def __new__(
-        cls, transform: GradientTransformation, class_name: str, config: dict[str, Any], flavor: str = "keras"
-    ):
+    def __new__(cls, transform: GradientTransformation, class_name: str, config: dict[str, Any], flavor: str = "keras"):
         self = super().__new__(cls, transform.init, transform.update)
         self.class_name = class_name
         self.config = config

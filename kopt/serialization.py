@@ -27,6 +27,7 @@ from kopt.state import get_hyperparams
 #: The optimizers ``get``/``deserialize`` know, by lower-case name.
 OPTIMIZERS = {c.__name__.lower(): c for c in (SGD, RMSprop, Adagrad, Adadelta, Adam, Adamax, Nadam, AdamW)}
 
+
 def serialize(opt: Optimizer, state: OptState | None = None, *, flavor: str | None = None) -> dict[str, Any]:
     """The config of an optimizer built by kopt, in the format of ``flavor``.
 

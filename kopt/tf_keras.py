@@ -55,6 +55,7 @@ with their moving average, which a gradient transformation cannot do: see
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from collections.abc import Callable, Mapping
@@ -114,7 +115,11 @@ def _inverse_time(c: Mapping[str, Any]) -> schedules.Schedule:
 def _polynomial(c: Mapping[str, Any]) -> schedules.Schedule:
     steps = _steps("PolynomialDecay", "decay_steps", c["decay_steps"])
     return schedules.polynomial_decay(
-        c["initial_learning_rate"], c.get("end_learning_rate", 0.0001), steps, c.get("power", 1.0), c.get("cycle", False)
+        c["initial_learning_rate"],
+        c.get("end_learning_rate", 0.0001),
+        steps,
+        c.get("power", 1.0),
+        c.get("cycle", False),
     )
 
 
@@ -123,10 +128,10 @@ def _piecewise(c: Mapping[str, Any]) -> schedules.Schedule:
     boundaries, values = list(c["boundaries"]), [as_real("PiecewiseConstantDecay values", v) for v in c["values"]]
     if len(values) != len(boundaries) + 1:
         raise ValueError(f"PiecewiseConstantDecay needs len(boundaries) + 1 values, got {len(values)} values")
-    if any(previous == 0 and value != 0 for previous, value in zip(values, values[1:], strict=False)):
+    if any(previous == 0 and value != 0 for previous, value in itertools.pairwise(values)):
         raise ValueError(f"PiecewiseConstantDecay values {values}: kopt scales its rate, so a 0 cannot rise again")
     steps = [math.floor(as_real("PiecewiseConstantDecay boundaries", b)) + 1 for b in boundaries]
-    scales = [value / previous if previous else 0.0 for previous, value in zip(values, values[1:], strict=False)]
+    scales = [value / previous if previous else 0.0 for previous, value in itertools.pairwise(values)]
     return schedules.piecewise_constant(values[0], steps, scales)
 
 
@@ -303,9 +308,8 @@ def _optimizer(
                 "outside the momentum, which this chain cannot express; use momentum=0 or kopt.add_decayed_weights"
             )
         decay = [add_decayed_weights(weight_decay)]
-    transform = chain(
-        *_clipping(class_name, options), *scaling, *decay, scale_by_learning_rate(rate), *([momentum] if momentum else [])
-    )
+    velocity = [momentum] if momentum else []
+    transform = chain(*_clipping(class_name, options), *scaling, *decay, scale_by_learning_rate(rate), *velocity)
     ordered = {"name": options.pop("name"), **{k: v for k, v in options.items() if k != "is_legacy_optimizer"}}
     if not legacy:
         ordered["is_legacy_optimizer"] = False
@@ -358,7 +362,8 @@ def RMSprop(
     options = _options("RMSprop", options)
     has_momentum = check_hyperparam("momentum", momentum) > 0
     in_sqrt = has_momentum or not options["is_legacy_optimizer"]
-    config = {"learning_rate": learning_rate, "rho": rho, "momentum": momentum, "epsilon": epsilon, "centered": centered}
+    config = {"learning_rate": learning_rate, "rho": rho, "momentum": momentum, "epsilon": epsilon}
+    config["centered"] = centered
     scaling = scale_by_rms(rho, epsilon, centered=centered, epsilon_in_sqrt=in_sqrt)
     return _optimizer("RMSprop", config, options, [scaling], momentum=trace(momentum) if has_momentum else None)
 
@@ -366,7 +371,7 @@ def RMSprop(
 def Adagrad(
     learning_rate: Any = 0.001, initial_accumulator_value: float = 0.1, epsilon: float = 1e-7, **options: Any
 ) -> Optimizer:
-    """TensorFlow's Adagrad: ``a <- a + g**2`` from ``initial_accumulator_value``; ``p <- p - lr_i*g / (sqrt(a) + eps)``.
+    """TensorFlow's Adagrad: ``a <- a + g**2`` from ``initial_accumulator_value``; ``p <- p - lr_i*g/(sqrt(a)+eps)``.
 
     TF >= 2.11 divides by ``sqrt(a + epsilon)``. Defaults ``learning_rate=0.001,
     initial_accumulator_value=0.1, epsilon=1e-7`` (Keras 2.2.4: 0.01 and 0).
@@ -377,7 +382,8 @@ def Adagrad(
     """
     learning_rate = _learning_rate(learning_rate, options)
     options = _options("Adagrad", options)
-    config = {"learning_rate": learning_rate, "initial_accumulator_value": initial_accumulator_value, "epsilon": epsilon}
+    config = {"learning_rate": learning_rate, "initial_accumulator_value": initial_accumulator_value}
+    config["epsilon"] = epsilon
     scaling = scale_by_adagrad(
         epsilon,
         initial_accumulator_value=initial_accumulator_value,
@@ -419,7 +425,8 @@ def Adam(
     """
     learning_rate = _learning_rate(learning_rate, options)
     options = _options("Adam", options)
-    config = {"learning_rate": learning_rate, "beta_1": beta_1, "beta_2": beta_2, "epsilon": epsilon, "amsgrad": amsgrad}
+    config = {"learning_rate": learning_rate, "beta_1": beta_1, "beta_2": beta_2, "epsilon": epsilon}
+    config["amsgrad"] = amsgrad
     return _optimizer("Adam", config, options, [scale_by_adam(beta_1, beta_2, epsilon, amsgrad)])
 
 
@@ -444,14 +451,15 @@ def AdamW(
     if options.get("is_legacy_optimizer", False):
         raise ValueError("AdamW has no legacy TensorFlow optimizer: is_legacy_optimizer must be False")
     options = _options("AdamW", {**options, "is_legacy_optimizer": False, "weight_decay": weight_decay})
-    config = {"learning_rate": learning_rate, "beta_1": beta_1, "beta_2": beta_2, "epsilon": epsilon, "amsgrad": amsgrad}
+    config = {"learning_rate": learning_rate, "beta_1": beta_1, "beta_2": beta_2, "epsilon": epsilon}
+    config["amsgrad"] = amsgrad
     return _optimizer("AdamW", config, options, [scale_by_adam(beta_1, beta_2, epsilon, amsgrad)])
 
 
 def Adamax(
     learning_rate: Any = 0.001, beta_1: float = 0.9, beta_2: float = 0.999, epsilon: float = 1e-7, **options: Any
 ) -> Optimizer:
-    """TensorFlow's Adamax: Keras 2.2.4's rule (:func:`kopt.scale_by_adamax`), default ``learning_rate=0.001``.
+    """TensorFlow's Adamax: Keras 2.2.4's rule (:func:`kopt.scale_by_adamax`), other defaults.
 
     Defaults ``learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7`` (Keras 2.2.4: ``lr=0.002``).
 
@@ -490,11 +498,8 @@ def Nadam(
     config = {"learning_rate": learning_rate, "beta_1": beta_1, "beta_2": beta_2, "epsilon": epsilon}
     if options["is_legacy_optimizer"]:
         config = {"learning_rate": learning_rate, "decay": schedule_decay, **config}
-    if isinstance(learning_rate, Mapping) or callable(learning_rate):
-        if options["is_legacy_optimizer"]:
-            raise ValueError(
-                "TensorFlow's legacy Nadam cannot take a learning-rate schedule (it fails at its first step)"
-            )
+    if options["is_legacy_optimizer"] and (isinstance(learning_rate, Mapping) or callable(learning_rate)):
+        raise ValueError("TensorFlow's legacy Nadam cannot take a learning-rate schedule (it fails at its first step)")
     scaling = scale_by_nadam(beta_1, beta_2, epsilon, schedule_decay)
     return _optimizer("Nadam", config, options, [scaling])
 
