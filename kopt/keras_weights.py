@@ -11,6 +11,23 @@ A Keras 2.2.4 optimizer's ``get_weights()`` is a flat list of NumPy arrays
     Adamax    [iterations, m_1..n, u_1..n]
     Nadam     [iterations, m_1..n, v_1..n]                    (m_schedule is not included)
 
+TensorFlow's Keras (tf.keras 2.x, ``tf_keras``) always starts with ``iterations``
+and groups slots by kind (legacy ``OptimizerV2.get_weights()``), or interleaves
+them leaf by leaf (TF >= 2.11's ``optimizer.variables``, as in ``.keras`` files)::
+
+    SGD       [iterations, (momentum_1..n if momentum > 0; always in TF >= 2.11)]
+    RMSprop   [iterations, rms_1..n, (momentum_1..n), (mg_1..n)]   (momentum holds -velocity; mg: centered)
+    Adagrad   [iterations, accumulator_1..n]
+    Adadelta  [iterations, accum_grad_1..n, accum_var_1..n]      (TF >= 2.11: interleaved)
+    Adam      [iterations, m_1..n, v_1..n, (vhat_1..n)]           (TF >= 2.11: m_1, v_1, m_2, ..., then vhat)
+    Adamax    [iterations, m_1..n, u_1..n]                        (TF >= 2.11: interleaved)
+    Nadam     [iterations, momentum_cache, m_1..n, v_1..n]       (momentum_cache is kopt's m_schedule;
+                                                                  TF >= 2.11: interleaved, no momentum_cache)
+
+``kopt.X`` reads Keras 2.2.4's layout and TensorFlow's legacy one (the counts
+tell them apart; where they are equal, so are the layouts), ``kopt.tf_keras.X``
+its own generation's.
+
 Parameter ``k`` of that list is leaf ``k`` of ``jax.tree.leaves(params)``:
 build ``params`` so that this order is Keras' ``model.trainable_weights``
 order (a list does it; a dict is ordered by sorted keys). Shapes are checked.
@@ -31,24 +48,26 @@ What the weights do not hold, and how kopt fills it in:
 
 * **Hyperparameters** (``lr``, ``beta_1``, ...) are not weights: they come
   from ``opt``. Set them with ``kopt.set_hyperparams`` if they changed.
-* **iterations of RMSprop, Adagrad, Adadelta**: pass ``iterations=``
+* **iterations of Keras 2.2.4's RMSprop, Adagrad, Adadelta**: pass ``iterations=``
   (Keras: ``K.get_value(opt.iterations)``). It only matters with ``decay``; by
   default it is 0, as in a fresh Keras optimizer given ``set_weights`` (a
   ``UserWarning`` says so when ``decay`` is not 0).
-* **Nadam's m_schedule** (the product ``mu_1 ... mu_t``): ``m_schedule="replay"``
+* **Nadam's m_schedule** (the product ``mu_1 ... mu_t``), unless TensorFlow's legacy
+  weights hold it (``momentum_cache``, restored exactly): ``m_schedule="replay"``
   (default) recomputes it by running the optimizer's own schedule arithmetic
   for ``iterations`` steps, which is what the interrupted run held (assuming
   ``beta_1`` and ``schedule_decay`` did not change during it); a number (e.g.
   ``K.get_value(opt.m_schedule)``) is taken as it is; ``"reset"`` gives 1.0,
   which is what Keras 2 itself does when it restores weights into a fresh Nadam
-  (``load_model``), and continues differently from the original run.
+  (``load_model``; TF >= 2.11's ``load_model`` too), and continues differently
+  from the original run.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -61,35 +80,116 @@ from kopt.state import iterations as step_count
 
 __all__ = ["from_keras_weights", "to_keras_weights"]
 
-# class name -> (iterations first?, per-leaf slot groups in Keras' order)
-_LAYOUTS: dict[str, tuple[bool, tuple[str, ...]]] = {
-    "SGD": (True, ("velocity",)),
-    "RMSprop": (False, ("accumulator",)),
-    "Adagrad": (False, ("accumulator",)),
-    "Adadelta": (False, ("accumulator", "delta_accumulator")),
-    "Adam": (True, ("m", "v", "vhat")),
-    "Adamax": (True, ("m", "u")),
-    "Nadam": (True, ("m", "v")),
-}
+#: A layout is a list of parts: "iterations", "m_schedule" (scalars), a slot name (one array per
+#: param leaf, in leaf order; "-name": stored negated; "name?": Keras 2.2.4's (1,) placeholders), or
+#: a tuple of slot names (interleaved: the slots of leaf 0, then those of leaf 1, ...).
+Layout = list
 
-# Where wrappers keep the state they wrap; the same convention as kopt/state.py.
+KERAS_LAYOUT, LEGACY_LAYOUT, CURRENT_LAYOUT = "Keras 2.2.4", "TensorFlow legacy", "TensorFlow >= 2.11"
+
+
+def _keras_layout(class_name: str, config: dict[str, Any]) -> Layout:
+    """Keras 2.2.4's ``get_weights()`` (specification §2-§8)."""
+    return {
+        "SGD": ["iterations", "velocity"],
+        "RMSprop": ["accumulator"],
+        "Adagrad": ["accumulator"],
+        "Adadelta": ["accumulator", "delta_accumulator"],
+        "Adam": ["iterations", "m", "v", "vhat" if config.get("amsgrad") else "vhat?"],
+        "Adamax": ["iterations", "m", "u"],
+        "Nadam": ["iterations", "m", "v"],
+    }[class_name]
+
+
+def _rmsprop_parts(config: dict[str, Any]) -> Layout:
+    # TensorFlow's momentum slot holds the positive step, kopt's velocity the descent direction.
+    return (["-velocity"] if config.get("momentum", 0) > 0 else []) + (["mean_grad"] if config.get("centered") else [])
+
+
+def _legacy_layout(class_name: str, config: dict[str, Any]) -> Layout:
+    """TensorFlow's legacy ``OptimizerV2.get_weights()``: ``iterations`` first, slots grouped by kind."""
+    return {
+        "SGD": ["iterations"] + (["velocity"] if config.get("momentum", 0) > 0 else []),
+        "RMSprop": ["iterations", "accumulator", *_rmsprop_parts(config)],
+        "Adagrad": ["iterations", "accumulator"],
+        "Adadelta": ["iterations", "accumulator", "delta_accumulator"],
+        "Adam": ["iterations", "m", "v"] + (["vhat"] if config.get("amsgrad") else []),
+        "Adamax": ["iterations", "m", "u"],
+        "Nadam": ["iterations", "m_schedule", "m", "v"],  # m_schedule: TensorFlow's momentum_cache
+    }[class_name]
+
+
+def _current_layout(class_name: str, config: dict[str, Any]) -> Layout:
+    """TF >= 2.11's ``optimizer.variables``: Adam-like slots interleaved leaf by leaf."""
+    adam = ["iterations", ("m", "v")] + (["vhat"] if config.get("amsgrad") else [])
+    return {
+        "SGD": ["iterations", "velocity"],
+        "RMSprop": ["iterations", "accumulator", *_rmsprop_parts(config)],
+        "Adagrad": ["iterations", "accumulator"],
+        "Adadelta": ["iterations", ("accumulator", "delta_accumulator")],
+        "Adam": adam,
+        "AdamW": adam,
+        "Adamax": ["iterations", ("m", "u")],
+        "Nadam": ["iterations", ("m", "v")],  # TensorFlow does not save its u_product
+    }[class_name]
+
+
+def _layouts(opt: Any) -> dict[str, Layout]:
+    """The weight layouts ``opt`` can read, by name: its own flavor's first."""
+    if not isinstance(opt, Optimizer) or (opt.flavor, opt.class_name) == ("keras", "AdamW"):
+        raise ValueError(
+            f"opt must be a kopt Keras optimizer (SGD, RMSprop, Adagrad, Adadelta, Adam, Adamax, Nadam, "
+            f"e.g. kopt.Adam() or kopt.tf_keras.Adam()), got {opt!r}"
+        )
+    if opt.flavor == "tf_keras.legacy":
+        return {LEGACY_LAYOUT: _legacy_layout(opt.class_name, opt.config)}
+    if opt.flavor == "tf_keras":
+        return {CURRENT_LAYOUT: _current_layout(opt.class_name, opt.config)}
+    return {
+        KERAS_LAYOUT: _keras_layout(opt.class_name, opt.config),
+        LEGACY_LAYOUT: _legacy_layout(opt.class_name, opt.config),
+    }
+
+
+class _Entry(NamedTuple):
+    """What weight ``j`` of a layout holds: a scalar (``leaf`` None) or slot ``name`` of leaf ``leaf``."""
+
+    name: str
+    leaf: int | None = None
+    negated: bool = False
+    placeholder: bool = False
+
+
+def _entries(layout: Layout, n: int) -> list[_Entry]:
+    def slot(part: str, leaf: int) -> _Entry:
+        return _Entry(part.strip("-?"), leaf, part.startswith("-"), part.endswith("?"))
+
+    entries = []
+    for part in layout:
+        if part in ("iterations", "m_schedule"):
+            entries.append(_Entry(part))
+        elif isinstance(part, tuple):
+            entries.extend(slot(name, k) for k in range(n) for name in part)
+        else:
+            entries.extend(slot(part, k) for k in range(n))
+    return entries
+
+
+def _describe(layout: Layout, n: int) -> str:
+    """E.g. ``7 weights [iterations, m x2, v x2, vhat x2] (vhat: placeholders ...)``."""
+    parts = [
+        part
+        if part in ("iterations", "m_schedule")
+        else f"({', '.join(part)}) x{n}"
+        if isinstance(part, tuple)
+        else f"{part.strip('-?')} x{n}"
+        for part in layout
+    ]
+    note = " (vhat: placeholders of shape (1,) without amsgrad)" if "vhat?" in layout else ""
+    return f"{len(_entries(layout, n))} weights [{', '.join(parts)}]{note}"
+
 
 _INT32_MAX = int(np.iinfo(np.int32).max)  # kopt counts steps in int32
-
-
-def _layout(opt: Any) -> tuple[bool, tuple[str, ...], bool]:
-    """``(has_iterations, slot names, amsgrad)`` of a kopt Keras optimizer."""
-    if not isinstance(opt, Optimizer) or opt.class_name not in _LAYOUTS:
-        raise ValueError(f"opt must be a kopt Keras optimizer ({', '.join(_LAYOUTS)}, e.g. kopt.Adam()), got {opt!r}")
-    has_iterations, slots = _LAYOUTS[opt.class_name]
-    return has_iterations, slots, bool(opt.config.get("amsgrad", False))
-
-
-def _describe(has_iterations: bool, slots: tuple[str, ...], amsgrad: bool, n: int) -> str:
-    """E.g. ``7 weights [iterations, m x2, v x2, vhat x2] (vhat: placeholders ...)``."""
-    parts = (["iterations"] if has_iterations else []) + [f"{slot} x{n}" for slot in slots]
-    note = " (vhat: placeholders of shape (1,) without amsgrad)" if "vhat" in slots and not amsgrad else ""
-    return f"{int(has_iterations) + len(slots) * n} weights [{', '.join(parts)}]{note}"
 
 
 def _as_iterations(value: Any, where: str) -> int:
@@ -139,20 +239,24 @@ def from_keras_weights(
     iterations: int | None = None,
     m_schedule: float | str = "replay",
 ) -> OptState:
-    """The kopt state of ``opt`` for ``params`` holding a Keras 2 optimizer's ``get_weights()``.
+    """The kopt state of ``opt`` for ``params`` holding a Keras optimizer's weights.
 
-    ``weights`` follows the layout of ``opt``'s class (module docstring); its
-    per-leaf arrays are matched to ``jax.tree.leaves(params)`` in order, cast
-    to the slot dtypes of ``opt.init(params)`` and placed on their shardings.
-    Every step counter (``count``) of the state is set to the imported
-    iterations; hyperparameters are ``opt``'s.
+    ``weights`` is Keras 2.2.4's or TensorFlow's ``get_weights()`` (or TF >=
+    2.11's ``[v.numpy() for v in opt.variables]``), in the layout of ``opt``'s
+    class (module docstring); which one is told from the number of weights.
+    Its per-leaf arrays are matched to ``jax.tree.leaves(params)`` in order,
+    cast to the slot dtypes of ``opt.init(params)`` and placed on their
+    shardings. Every step counter (``count``) of the state is set to the
+    imported iterations; hyperparameters are ``opt``'s.
 
-    ``iterations`` (RMSprop, Adagrad, Adadelta only, whose weights omit it;
-    default 0) gives the step count. ``m_schedule`` (Nadam only):
-    ``"replay"`` (default), ``"reset"`` or a number; see the module docstring.
+    ``iterations`` (Keras 2.2.4's RMSprop, Adagrad, Adadelta only, whose
+    weights omit it; default 0) gives the step count. ``m_schedule`` (Nadam,
+    when the weights do not hold it): ``"replay"`` (default), ``"reset"`` or a
+    number; see the module docstring. TensorFlow's legacy Nadam stores it
+    (``momentum_cache``), and it is then restored exactly.
 
     Raises ``ValueError`` for a wrong number of weights (naming the expected
-    layout), a weight whose shape differs from its parameter's (naming both),
+    layouts), a weight whose shape differs from its parameter's (naming both),
     Adam ``vhat`` entries that do not fit ``amsgrad``, non-numeric or
     non-finite values, and an ``iterations`` that is not a whole number in
     ``[0, 2**31 - 1]``.
@@ -161,24 +265,23 @@ def from_keras_weights(
         >>> state = from_keras_weights(kopt.RMSprop(decay=1e-4), [kernel, bias],
         ...                            keras_opt.get_weights(), iterations=1200)  # doctest: +SKIP
     """
-    has_iterations, slots, amsgrad = _layout(opt)
+    layouts = _layouts(opt)
     if not isinstance(weights, (list, tuple)):
         raise ValueError(f"weights must be the list Keras' get_weights() returns, got {type(weights).__name__}")
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     paths = [jax.tree_util.keystr(path) for path, _ in flat]
     shapes = [tuple(np.shape(leaf)) for _, leaf in flat]
     n = len(flat)
-    expected = int(has_iterations) + len(slots) * n
-    if len(weights) != expected:
+    matching = [layout for layout in layouts.values() if len(_entries(layout, n)) == len(weights)]
+    if not matching:
         hint = ""
         if not weights and n:
             hint = " (Keras returns [] before the optimizer's first step: start from opt.init(params) instead)"
-        elif len(weights) == expected + 1 and not has_iterations:
-            hint = f" ({opt.class_name}'s weights hold no iterations; pass iterations= instead)"
-        raise ValueError(
-            f"{opt!r} with {n} parameter arrays expects {_describe(has_iterations, slots, amsgrad, n)}, "
-            f"got {len(weights)} weights{hint}"
-        )
+        elif len(layouts) == 1 and len(weights) == len(_entries(_keras_layout(opt.class_name, opt.config), n)):
+            hint = f" (Keras 2.2.4's layout: read it with kopt.{opt.class_name} instead)"
+        expected = " or ".join(f"{_describe(layout, n)} ({name})" for name, layout in layouts.items())
+        raise ValueError(f"{opt!r} with {n} parameter arrays expects {expected}, got {len(weights)} weights{hint}")
+    entries = _entries(matching[0], n)
 
     arrays = []
     for index, weight in enumerate(weights):
@@ -187,10 +290,11 @@ def from_keras_weights(
             raise ValueError(f"weights[{index}] must hold real numbers, got dtype {array.dtype}")
         arrays.append(array)
 
-    if has_iterations:
+    held = {entry.name: arrays[index] for index, entry in enumerate(entries) if entry.leaf is None}
+    if "iterations" in held:
         if iterations is not None:
-            raise ValueError(f"{opt.class_name}'s weights hold iterations (weights[0]); do not pass iterations=")
-        steps = _as_iterations(arrays[0], "weights[0] (iterations)")
+            raise ValueError(f"these {opt.class_name} weights hold iterations (weights[0]); do not pass iterations=")
+        steps = _as_iterations(held["iterations"], "weights[0] (iterations)")
     elif iterations is None:
         steps = 0
         if opt.config.get("decay", 0):
@@ -203,42 +307,41 @@ def from_keras_weights(
     else:
         steps = _as_iterations(iterations, "iterations")
 
-    per_slot: dict[str, Any] = {}
-    offset = int(has_iterations)
-    for slot in slots:
-        group = arrays[offset : offset + n]
-        placeholders = slot == "vhat" and not amsgrad
-        for k, array in enumerate(group):
-            index = offset + k
-            want = (1,) if placeholders else shapes[k]
-            if array.shape != want:
-                hint = ""
-                if slot == "vhat" and amsgrad and array.shape == (1,) != shapes[k]:
-                    hint = " (a (1,) placeholder: were these weights saved by an Adam with amsgrad=False?)"
-                elif placeholders and array.shape == shapes[k]:
-                    hint = " (a full vhat: were these weights saved by an Adam with amsgrad=True?)"
-                what = "placeholder" if placeholders else f"for params{paths[k]}"
-                raise ValueError(f"weights[{index}] ({slot} {what}) has shape {array.shape}, expected {want}{hint}")
-            if not placeholders and not np.all(np.isfinite(array)):
-                raise ValueError(f"weights[{index}] ({slot} for params{paths[k]}) holds NaN or Inf")
-        offset += n
-        if not placeholders:
-            per_slot[slot] = jax.tree.unflatten(treedef, group)
+    per_slot: dict[str, list[Any]] = {}
+    for index, (entry, array) in enumerate(zip(entries, arrays, strict=True)):
+        if entry.leaf is None:
+            continue
+        k = entry.leaf
+        want = (1,) if entry.placeholder else shapes[k]
+        if array.shape != want:
+            hint = ""
+            if entry.name == "vhat" and not entry.placeholder and array.shape == (1,) != shapes[k]:
+                hint = " (a (1,) placeholder: were these weights saved by an Adam with amsgrad=False?)"
+            elif entry.placeholder and array.shape == shapes[k]:
+                hint = " (a full vhat: were these weights saved by an Adam with amsgrad=True?)"
+            what = "placeholder" if entry.placeholder else f"for params{paths[k]}"
+            raise ValueError(f"weights[{index}] ({entry.name} {what}) has shape {array.shape}, expected {want}{hint}")
+        if entry.placeholder:
+            continue
+        if not np.all(np.isfinite(array)):
+            raise ValueError(f"weights[{index}] ({entry.name} for params{paths[k]}) holds NaN or Inf")
+        per_slot.setdefault(entry.name, [None] * n)[k] = -array if entry.negated else array
 
     state = set_slot(opt.init(params), "count", np.asarray(steps))
-    for name, tree in per_slot.items():
-        state = set_slot(state, name, tree)
+    for name, leaves in per_slot.items():
+        state = set_slot(state, name, jax.tree.unflatten(treedef, leaves))
 
     if opt.class_name == "Nadam":
-        if isinstance(m_schedule, str):
+        if "m_schedule" in held:
+            if not (isinstance(m_schedule, str) and m_schedule == "replay"):
+                raise ValueError("these Nadam weights hold m_schedule (TensorFlow's momentum_cache); do not pass it")
+            schedule_value = _as_schedule(held["m_schedule"])
+        elif isinstance(m_schedule, str):
             if m_schedule not in ("replay", "reset"):
                 raise ValueError(f"m_schedule must be 'replay', 'reset' or a number, got {m_schedule!r}")
             schedule_value = _replayed_m_schedule(opt, params, steps) if m_schedule == "replay" else np.asarray(1.0)
         else:
-            number = float(np.asarray(m_schedule))  # TypeError/ValueError for non-numbers, as float() gives
-            if not 0.0 <= number <= 1.0:
-                raise ValueError(f"m_schedule is a product of momentum factors in [0, 1], got {m_schedule!r}")
-            schedule_value = np.asarray(m_schedule)
+            schedule_value = _as_schedule(m_schedule)
         state = set_slot(state, "m_schedule", np.asarray(schedule_value))
     elif not (isinstance(m_schedule, str) and m_schedule == "replay"):
         raise ValueError(f"m_schedule applies to Nadam only, not {opt.class_name}")
@@ -246,40 +349,67 @@ def from_keras_weights(
     return state
 
 
-def to_keras_weights(opt: Optimizer, state: OptState) -> list[np.ndarray]:
-    """The list a Keras 2 optimizer of ``opt``'s class takes in ``set_weights``.
+def _as_schedule(value: Any) -> np.ndarray:
+    number = float(np.asarray(value))  # TypeError/ValueError for non-numbers, as float() gives
+    if not 0.0 <= number <= 1.0:
+        raise ValueError(f"m_schedule is a product of momentum factors in [0, 1], got {value!r}")
+    return np.asarray(value)
 
-    The inverse of :func:`from_keras_weights`: ``iterations`` (int64 scalar;
-    left out for RMSprop, Adagrad, Adadelta: set it in Keras with
+
+def to_keras_weights(opt: Optimizer, state: OptState, *, flavor: str | None = None) -> list[np.ndarray]:
+    """The list a Keras optimizer of ``opt``'s class takes in ``set_weights``.
+
+    The inverse of :func:`from_keras_weights`. ``flavor`` picks the layout:
+    ``"keras"`` (Keras 2.2.4, the default for ``kopt.X``), ``"tf_keras.legacy"``
+    (TensorFlow's legacy ``get_weights()``, the default for
+    ``kopt.tf_keras.X``; a Keras 2.2.4 optimizer may be written so too) or
+    ``"tf_keras"`` (TF >= 2.11's ``variables`` order). ``iterations`` (int64
+    scalar; left out of Keras 2.2.4's RMSprop, Adagrad, Adadelta: set it with
     ``K.set_value(opt.iterations, int(kopt.iterations(state)))``), then each
     slot leaf by leaf in ``jax.tree.leaves`` order, as NumPy arrays of the
-    state's dtypes. Adam without amsgrad gets zero ``vhat`` placeholders of
-    shape (1,). Nadam's ``m_schedule`` is not a Keras weight
-    (``kopt.get_slot(state, "m_schedule")`` reads it). Raises ``ValueError``
-    if ``state`` was not made by an optimizer of ``opt``'s kind.
+    state's dtypes. Keras 2.2.4's Adam without amsgrad gets zero ``vhat``
+    placeholders of shape (1,). Raises ``ValueError`` if ``state`` was not
+    made by an optimizer of ``opt``'s kind.
 
     Example:
         >>> keras_opt.set_weights(to_keras_weights(opt, state))  # doctest: +SKIP
     """
-    has_iterations, slots, amsgrad = _layout(opt)
+    layouts = _layouts(opt)
+    names = {"keras": KERAS_LAYOUT, "tf_keras.legacy": LEGACY_LAYOUT, "tf_keras": CURRENT_LAYOUT}
+    name = next(iter(layouts)) if flavor is None else names.get(flavor)
+    if name not in layouts:
+        raise ValueError(
+            f"flavor {flavor!r} is not a weight layout of {opt!r}; choose from "
+            f"{', '.join(repr(key) for key, value in names.items() if value in layouts)}"
+        )
+    values: dict[str, list[np.ndarray]] = {}
+    first: list[np.ndarray] | None = None
+    for part in layouts[name]:
+        for slot in part if isinstance(part, tuple) else (part,):
+            slot = slot.strip("-?")
+            if slot in ("iterations", "m_schedule") or slot in values:
+                continue
+            try:
+                value = get_slot(state, slot)
+            except ValueError as error:
+                raise ValueError(f"this state was not made by {opt!r}: {error}") from None
+            if slot == "vhat" and (value is None) == bool(opt.config.get("amsgrad")):
+                held = "no vhat" if value is None else "a vhat"
+                raise ValueError(f"this state holds {held}, but {opt!r} has amsgrad={opt.config.get('amsgrad')}")
+            values[slot] = (
+                [] if value is None else [np.asarray(leaf) for leaf in jax.device_get(jax.tree.leaves(value))]
+            )
+            first = values[slot] if first is None and value is not None else first
+    leaves = first or []
     weights: list[np.ndarray] = []
-    if has_iterations:
-        weights.append(np.asarray(int(step_count(state)), np.int64))
-    leaves_of: dict[str, list[Any]] = {}
-    for slot in slots:
-        try:
-            value = get_slot(state, slot)
-        except ValueError as error:
-            raise ValueError(f"this state was not made by {opt!r}: {error}") from None
-        if slot == "vhat" and (value is None) == amsgrad:
-            held = "no vhat" if value is None else "a vhat"
-            raise ValueError(f"this state holds {held}, but {opt!r} has amsgrad={amsgrad}")
-        if value is not None:
-            leaves_of[slot] = jax.device_get(jax.tree.leaves(value))
-    first = leaves_of[slots[0]]
-    for slot in slots:
-        if slot in leaves_of:
-            weights.extend(np.asarray(leaf) for leaf in leaves_of[slot])
-        else:  # Adam without amsgrad: Keras' placeholders, in the slots' dtype
-            weights.extend(np.zeros((1,), np.asarray(leaf).dtype) for leaf in first)
+    for entry in _entries(layouts[name], len(leaves)):
+        if entry.name == "iterations":
+            weights.append(np.asarray(int(step_count(state)), np.int64))
+        elif entry.name == "m_schedule":
+            weights.append(np.asarray(jax.device_get(get_slot(state, "m_schedule"))))
+        elif entry.placeholder:  # Keras 2.2.4's Adam without amsgrad, in the slots' dtype
+            weights.append(np.zeros((1,), leaves[entry.leaf].dtype))
+        else:
+            array = values[entry.name][entry.leaf]
+            weights.append(-array if entry.negated else array)
     return weights

@@ -322,7 +322,7 @@ def _optimizer(
 def SGD(learning_rate: Any = 0.01, momentum: float = 0.0, nesterov: bool = False, **options: Any) -> Optimizer:
     """TensorFlow's SGD: ``v <- momentum*v - lr_i*g``; ``p <- p + v`` (Nesterov: ``p + momentum*v - lr_i*g``).
 
-    Without momentum (the default) there is no velocity: ``p <- p - lr_i*g``.
+    Without momentum (the default) ``p <- p - lr_i*g``; the legacy SGD then keeps no velocity.
     Defaults ``learning_rate=0.01, momentum=0, nesterov=False``.
     Chain: clipping, ``scale_by_learning_rate``, ``trace(momentum, nesterov)`` if ``momentum > 0``.
 
@@ -333,7 +333,9 @@ def SGD(learning_rate: Any = 0.01, momentum: float = 0.0, nesterov: bool = False
     learning_rate = _learning_rate(learning_rate, options)
     options = _options("SGD", options)
     config = {"learning_rate": learning_rate, "momentum": momentum, "nesterov": nesterov}
-    velocity = trace(momentum, nesterov) if check_hyperparam("momentum", momentum) > 0 else None
+    # The legacy SGD keeps no velocity without momentum; TF >= 2.11's always does (its `m`).
+    keeps_velocity = check_hyperparam("momentum", momentum) > 0 or not options["is_legacy_optimizer"]
+    velocity = trace(momentum, nesterov) if keeps_velocity else None
     return _optimizer("SGD", config, options, [], momentum=velocity)
 
 

@@ -329,8 +329,10 @@ def test_bad_arguments_are_refused():
     for bad in (-3, float("inf"), float("nan"), 1.5):
         with pytest.raises(ValueError, match="iterations must be a whole number"):
             from_keras_weights(kopt.RMSprop(), params, rms, iterations=bad)
-    with pytest.raises(ValueError, match="hold no iterations; pass iterations="):
-        from_keras_weights(kopt.RMSprop(), params, [np.int64(1), *rms])
+    # [iterations, *rms] is TensorFlow's legacy layout: iterations come from the list, not the argument
+    assert int(kopt.iterations(from_keras_weights(kopt.RMSprop(), params, [np.int64(3), *rms]))) == 3
+    with pytest.raises(ValueError, match="do not pass iterations"):
+        from_keras_weights(kopt.RMSprop(), params, [np.int64(1), *rms], iterations=1)
     with pytest.raises(ValueError, match="Nadam only"):
         from_keras_weights(kopt.RMSprop(), params, rms, m_schedule="reset")
     nadam = _adam_weights()[: 1 + 2 * N]
