@@ -68,6 +68,10 @@ def serialize(opt: Optimizer, state: OptState | None = None, *, flavor: str | No
     if flavor == opt.flavor:
         if flavor == tf_keras.KERAS:
             return {"class_name": opt.class_name, "config": config}
+        if (opt.class_name, flavor) == ("Nadam", tf_keras.LEGACY) and config["decay"] != 0.004:
+            # TensorFlow's legacy Nadam writes its schedule decay as `decay` but reads it back only as
+            # `schedule_decay` (a `decay` argument is replaced by the default 0.004).
+            config["schedule_decay"] = config.pop("decay")
         return _tf_dict(opt.class_name, config, flavor)
     if opt.flavor == tf_keras.KERAS and flavor == tf_keras.LEGACY:
         return _tf_dict(opt.class_name, _legacy_config(opt.class_name, config), flavor)
@@ -113,7 +117,8 @@ def _legacy_config(class_name: str, config: dict[str, Any]) -> dict[str, Any]:
     config.pop("clipnorm", None)
     result["learning_rate"] = config.pop("lr")
     if class_name == "Nadam":
-        result["decay"] = config.pop("schedule_decay")
+        schedule_decay = config.pop("schedule_decay")
+        result["decay" if schedule_decay == 0.004 else "schedule_decay"] = schedule_decay  # see serialize
     if class_name == "Adagrad":
         config.setdefault("initial_accumulator_value", 0.0)
     if class_name == "RMSprop":

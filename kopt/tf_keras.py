@@ -501,7 +501,10 @@ def Nadam(
     if options["is_legacy_optimizer"]:
         config = {"learning_rate": learning_rate, "decay": schedule_decay, **config}
     if options["is_legacy_optimizer"] and (isinstance(learning_rate, Mapping) or callable(learning_rate)):
-        raise ValueError("TensorFlow's legacy Nadam cannot take a learning-rate schedule (it fails at its first step)")
+        raise ValueError(
+            "The Nadam optimizer does not support learning-rate schedules as the learning rate "
+            "(TensorFlow's legacy Nadam refuses them; TF >= 2.11's, is_legacy_optimizer=False, takes them)"
+        )
     scaling = scale_by_nadam(beta_1, beta_2, epsilon, schedule_decay)
     return _optimizer("Nadam", config, options, [scaling])
 
