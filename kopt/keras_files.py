@@ -57,10 +57,7 @@ def _h5py():
 def _optimizer_config(config: Any, path: str) -> dict[str, Any]:
     if not isinstance(config, Mapping) or "class_name" not in config:
         raise ValueError(f"{path}: the model was saved without an optimizer (compile the model before saving)")
-    config = dict(config)
-    class_name = str(config["class_name"])
-    config["class_name"] = class_name.removeprefix("Custom>")  # how h5 files name TF >= 2.11's optimizers
-    return config
+    return dict(config)
 
 
 def _read_h5(path: str) -> tuple[dict[str, Any], list[np.ndarray] | None]:

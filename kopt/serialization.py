@@ -160,7 +160,7 @@ def deserialize(config: Mapping[str, Any], *, flavor: str | None = None) -> Opti
     ``config`` is ``{"class_name": ..., "config": {...}}``, optionally with
     TensorFlow's ``module`` and ``registered_name`` (what
     ``tf_keras.optimizers.serialize`` writes, and the ``optimizer_config`` of a
-    saved model's training config). ``flavor`` (default: told from the config
+    saved model's training config, ``"Custom>Adam"`` too). ``flavor`` (default: told from the config
     itself, see :func:`config_flavor`) picks the meaning of its keys:
     ``"keras"`` builds ``kopt.Adam`` etc., ``"tf_keras.legacy"`` / ``"tf_keras"``
     build ``kopt.tf_keras.Adam(..., is_legacy_optimizer=...)`` with TensorFlow's
@@ -190,6 +190,8 @@ def deserialize(config: Mapping[str, Any], *, flavor: str | None = None) -> Opti
         raise ValueError(f"the 'config' of {class_name} must be a dict, got {type(arguments).__name__}")
     if flavor != tf_keras.KERAS:
         known = {name.lower(): constructor for name, constructor in tf_keras.OPTIMIZERS.items()}
+        if isinstance(class_name, str):  # a saved model's training config names TF >= 2.11's as "Custom>Adam"
+            class_name = class_name.removeprefix("Custom>")
         if not isinstance(class_name, str) or class_name.lower() not in known:
             raise ValueError(f"Unknown TensorFlow optimizer: {class_name!r}; known: {', '.join(tf_keras.OPTIMIZERS)}")
         try:
