@@ -48,11 +48,16 @@ def run(opt, state, params, arrays, case, first, last):
         yield step, params
 
 
-@pytest.mark.parametrize("case", RUN)
-def test_optimizer_from_tf_config_follows_tf_trajectory(case):
+def built(case: str) -> kopt.Optimizer:
+    """kopt's optimizer from TensorFlow's serialize() dict alone."""
     ignored = case.startswith("current") and "clipnorm_clipvalue" in case  # TF >= 2.11 drops clipvalue: warned
     with pytest.warns(UserWarning, match="ignores clipvalue") if ignored else _Nothing():
-        opt = kopt.deserialize(CASES[case]["serialized"])
+        return kopt.deserialize(CASES[case]["serialized"])
+
+
+@pytest.mark.parametrize("case", RUN)
+def test_optimizer_from_tf_config_follows_tf_trajectory(case):
+    opt = built(case)
     params = params_at(ARRAYS, case, 0)
     for step, new in run(opt, opt.init(params), params, ARRAYS, case, 1, STEPS):
         chex.assert_trees_all_close(new, params_at(ARRAYS, case, step), rtol=RTOL, atol=ATOL)
@@ -60,7 +65,7 @@ def test_optimizer_from_tf_config_follows_tf_trajectory(case):
 
 @pytest.mark.parametrize("case", RUN)
 def test_resume_from_tf_weights_continues_like_tf(case):
-    opt = kopt.deserialize(CASES[case]["serialized"])
+    opt = built(case)
     weights = [ARRAYS[f"{case}/weights7/{j}"] for j in range(len(CASES[case]["weights7"]["names"]))]
     params = params_at(ARRAYS, case, SAVED)
     state = kopt.from_keras_weights(opt, params, weights)
