@@ -204,8 +204,12 @@ def schedule_from_config(config: Mapping[str, Any]) -> schedules.Schedule:
 # --------------------------------------------------------------------------- shared construction
 
 
-def _options(class_name: str, options: dict[str, Any]) -> dict[str, Any]:
-    """Checks TensorFlow's common keyword arguments; returns them with the defaults of their generation."""
+def _options(class_name: str, learning_rate: Any, options: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """``(learning_rate, options)``: TensorFlow's common keyword arguments checked, with their generation's
+    defaults; the legacy ``lr`` spelling, if given, is the learning rate.
+    """
+    lr = options.pop("lr", None)
+    learning_rate = learning_rate if lr is None else lr
     legacy = check_bool("is_legacy_optimizer", options.pop("is_legacy_optimizer", True))
     allowed = _COMMON + (_LEGACY_ONLY if legacy else _CURRENT_ONLY)
     unknown = [key for key in options if key not in allowed]
@@ -225,7 +229,7 @@ def _options(class_name: str, options: dict[str, Any]) -> dict[str, Any]:
     if given["clipnorm"] is not None and given["global_clipnorm"] is not None:
         raise ValueError("give at most one of clipnorm (per variable) and global_clipnorm, as TensorFlow requires")
     if legacy:
-        return {"is_legacy_optimizer": True, "name": class_name, "decay": 0.0, **options}
+        return learning_rate, {"is_legacy_optimizer": True, "name": class_name, "decay": 0.0, **options}
     if check_bool("use_ema", options.get("use_ema", False)):
         raise ValueError(
             "use_ema=True cannot be honoured: TensorFlow overwrites the model's weights with their moving average "
@@ -243,12 +247,7 @@ def _options(class_name: str, options: dict[str, Any]) -> dict[str, Any]:
         "ema_overwrite_frequency": None,
         "jit_compile": True,
     }
-    return {**defaults, **options, "is_legacy_optimizer": False}
-
-
-def _learning_rate(learning_rate: Any, options: dict[str, Any]) -> Any:
-    lr = options.pop("lr", None)
-    return learning_rate if lr is None else lr
+    return learning_rate, {**defaults, **options, "is_legacy_optimizer": False}
 
 
 def _schedule(learning_rate: Any, decay: float) -> LearningRate:
@@ -330,8 +329,7 @@ def SGD(learning_rate: Any = 0.01, momentum: float = 0.0, nesterov: bool = False
         >>> import kopt
         >>> opt = kopt.tf_keras.SGD(0.1, momentum=0.9, global_clipnorm=1.0)
     """
-    learning_rate = _learning_rate(learning_rate, options)
-    options = _options("SGD", options)
+    learning_rate, options = _options("SGD", learning_rate, options)
     config = {"learning_rate": learning_rate, "momentum": momentum, "nesterov": nesterov}
     # The legacy SGD keeps no velocity without momentum; TF >= 2.11's always does (its `m`).
     keeps_velocity = check_hyperparam("momentum", momentum) > 0 or not options["is_legacy_optimizer"]
@@ -360,8 +358,7 @@ def RMSprop(
         >>> import kopt
         >>> opt = kopt.tf_keras.RMSprop(momentum=0.9, centered=True)
     """
-    learning_rate = _learning_rate(learning_rate, options)
-    options = _options("RMSprop", options)
+    learning_rate, options = _options("RMSprop", learning_rate, options)
     has_momentum = check_hyperparam("momentum", momentum) > 0
     in_sqrt = has_momentum or not options["is_legacy_optimizer"]
     config = {"learning_rate": learning_rate, "rho": rho, "momentum": momentum, "epsilon": epsilon}
@@ -382,8 +379,7 @@ def Adagrad(
         >>> import kopt
         >>> opt = kopt.tf_keras.Adagrad(initial_accumulator_value=0.0)
     """
-    learning_rate = _learning_rate(learning_rate, options)
-    options = _options("Adagrad", options)
+    learning_rate, options = _options("Adagrad", learning_rate, options)
     config = {"learning_rate": learning_rate, "initial_accumulator_value": initial_accumulator_value}
     config["epsilon"] = epsilon
     scaling = scale_by_adagrad(
@@ -403,8 +399,7 @@ def Adadelta(learning_rate: Any = 0.001, rho: float = 0.95, epsilon: float = 1e-
         >>> import kopt
         >>> opt = kopt.tf_keras.Adadelta(learning_rate=1.0)
     """
-    learning_rate = _learning_rate(learning_rate, options)
-    options = _options("Adadelta", options)
+    learning_rate, options = _options("Adadelta", learning_rate, options)
     config = {"learning_rate": learning_rate, "rho": rho, "epsilon": epsilon}
     return _optimizer("Adadelta", config, options, [scale_by_adadelta(rho, epsilon)])
 
@@ -425,8 +420,7 @@ def Adam(
         >>> import kopt
         >>> opt = kopt.tf_keras.Adam(learning_rate=1e-3, global_clipnorm=1.0)
     """
-    learning_rate = _learning_rate(learning_rate, options)
-    options = _options("Adam", options)
+    learning_rate, options = _options("Adam", learning_rate, options)
     config = {"learning_rate": learning_rate, "beta_1": beta_1, "beta_2": beta_2, "epsilon": epsilon}
     config["amsgrad"] = amsgrad
     return _optimizer("Adam", config, options, [scale_by_adam(beta_1, beta_2, epsilon, amsgrad)])
@@ -449,10 +443,10 @@ def AdamW(
         >>> import kopt
         >>> opt = kopt.tf_keras.AdamW(weight_decay=0.01)
     """
-    learning_rate = _learning_rate(learning_rate, options)
     if options.get("is_legacy_optimizer", False):
         raise ValueError("AdamW has no legacy TensorFlow optimizer: is_legacy_optimizer must be False")
-    options = _options("AdamW", {**options, "is_legacy_optimizer": False, "weight_decay": weight_decay})
+    options = {**options, "is_legacy_optimizer": False, "weight_decay": weight_decay}
+    learning_rate, options = _options("AdamW", learning_rate, options)
     config = {"learning_rate": learning_rate, "beta_1": beta_1, "beta_2": beta_2, "epsilon": epsilon}
     config["amsgrad"] = amsgrad
     return _optimizer("AdamW", config, options, [scale_by_adam(beta_1, beta_2, epsilon, amsgrad)])
@@ -469,8 +463,7 @@ def Adamax(
         >>> import kopt
         >>> opt = kopt.tf_keras.Adamax()
     """
-    learning_rate = _learning_rate(learning_rate, options)
-    options = _options("Adamax", options)
+    learning_rate, options = _options("Adamax", learning_rate, options)
     config = {"learning_rate": learning_rate, "beta_1": beta_1, "beta_2": beta_2, "epsilon": epsilon}
     return _optimizer("Adamax", config, options, [scale_by_adamax(beta_1, beta_2, epsilon)])
 
@@ -489,13 +482,14 @@ def Nadam(
         >>> import kopt
         >>> opt = kopt.tf_keras.Nadam(decay=0.004)
     """
-    learning_rate = _learning_rate(learning_rate, options)
     if "schedule_decay" in options:
         if "decay" in options:
             raise ValueError("give Nadam's schedule decay as decay or as schedule_decay, not both")
         options["decay"] = options.pop("schedule_decay")
     legacy = options.get("is_legacy_optimizer", True)
-    options = _options("Nadam", {"decay": 0.004, **options} if legacy is True else options)
+    learning_rate, options = _options(
+        "Nadam", learning_rate, {"decay": 0.004, **options} if legacy is True else options
+    )
     schedule_decay = options.pop("decay") if options["is_legacy_optimizer"] else 1.0
     config = {"learning_rate": learning_rate, "beta_1": beta_1, "beta_2": beta_2, "epsilon": epsilon}
     if options["is_legacy_optimizer"]:
