@@ -53,33 +53,72 @@ from kopt.tree import check_params, check_updates
 #: launching them costs nothing, and packing them would only copy them (XLA:CPU concatenates slowly).
 ALONE = 1 << 16
 
+#: A buffer is closed at this many elements, so offsets inside it stay int32.
+BUFFER_LIMIT = 1 << 30
+
+#: ... or at this many leaves: XLA's compile time per leaf grows with the number of leaves cut out of one
+#: buffer (and a concatenation of many operands runs slowly), so buffers of 128 leaves compiled fastest
+#: on the trees of benchmarks/ (64 and 256 were slower, one buffer per dtype far slower).
+LEAVES_PER_BUFFER = 128
+
+
+def _shared_across_devices(leaf: Any) -> bool:
+    """Whether ``leaf`` is laid out across several devices (not a copy on each): packing it would gather it."""
+    sharding = getattr(leaf, "sharding", None)
+    if sharding is None:
+        return False
+    try:
+        return len(sharding.device_set) > 1 and not sharding.is_fully_replicated
+    except Exception:  # an abstract or exotic sharding: leave the leaf alone
+        return True
+
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """Where every leaf of a params tree sits in the flat buffers (static: part of the tree structure).
 
-    Leaf ``k`` (in ``jax.tree.flatten`` order) lives in buffer ``buffers[k]``
-    from ``starts[k]``. A buffer holds leaves of one dtype. The tree is taken
-    to repeat a block ``B`` times, ``B`` the most common number of leaves of
-    one (dtype, shape); a shape held ``n`` times has ``r = n // B`` leaves
-    per block, and its ``j``-th leaf goes to buffer ``j // r`` (leftovers to
-    the last). A model of repeated blocks thus gets one buffer per block,
-    laid out alike, so the kernels that cut the updates back into leaves are
-    the same few kernels for every block and XLA compiles each once. A leaf
-    of :data:`ALONE` elements or more is a buffer by itself (a free reshape).
+    Leaf ``k`` (in ``jax.tree.flatten`` order) is row ``rows[k]`` of its
+    group in buffer ``buffers[k]``: the group of the leaves of one (dtype,
+    shape) starts at ``starts[k]``, so the leaf's elements are
+    ``buffer[starts[k] + rows[k] * size : ... + size]``. One buffer holds
+    the small leaves of one dtype, grouped by shape in order of appearance;
+    a leaf of :data:`ALONE` elements or more, or one laid out across several
+    devices, is a buffer by itself (a free reshape).
+
+    Why groups and rows: XLA compiles one kernel per distinct computation,
+    and a slice at a baked-in offset is a distinct computation per leaf. The
+    update cuts a leaf out at ``start + row * size`` with ``row`` a scalar
+    carried in the state as data (:class:`PackedState` ``.rows``), so every
+    leaf of one shape uses the same kernel: compile time follows the number
+    of distinct shapes, not the number of leaves, whatever their order.
     """
 
     treedef: Any
     shapes: tuple[tuple[int, ...], ...]
     buffers: tuple[str, ...]
     starts: tuple[int, ...]
+    rows: tuple[int, ...]
 
     @functools.cached_property
     def _hash(self) -> int:
-        return hash((self.treedef, self.shapes, self.buffers, self.starts))
+        return hash((self.treedef, self.shapes, self.buffers, self.starts, self.rows))
 
     def __hash__(self) -> int:  # jit hashes the state's structure on every call: once per layout is enough
         return self._hash
+
+    @functools.cached_property
+    def members(self) -> dict[str, tuple[int, ...]]:
+        """The leaves of each buffer, in buffer order."""
+        order = sorted(range(len(self.shapes)), key=lambda k: (self.buffers[k], self.starts[k], self.rows[k]))
+        members: dict[str, list[int]] = {}
+        for k in order:
+            members.setdefault(self.buffers[k], []).append(k)
+        return {buffer: tuple(leaves) for buffer, leaves in members.items()}
+
+    @functools.cached_property
+    def row_count(self) -> int:
+        """How many row scalars the state carries: the size of the largest group of leaves sharing a shape."""
+        return max(self.rows, default=-1) + 1 if any(self.rows) else 0
 
     @classmethod
     def of(cls, params: Params) -> Layout:
@@ -87,51 +126,81 @@ class Layout:
         dtypes = check_params(params)
         leaves, treedef = jax.tree.flatten(params)
         shapes = tuple(tuple(jnp.shape(leaf)) for leaf in leaves)
-        kinds = [(jnp.dtype(dtype).name, shape) for dtype, shape in zip(dtypes, shapes, strict=True)]
-        small = collections.Counter(kind for kind in kinds if math.prod(kind[1]) < ALONE)
-        # The number of blocks: the most common count of a small (dtype, shape), the smallest on a tie.
-        counts = collections.Counter(small.values())
-        blocks = max(counts, key=lambda n: (counts[n], -n), default=1)
-        seen: collections.Counter = collections.Counter()
-        filled: dict[str, int] = {}
-        buffers, starts = [], []
-        for index, kind in enumerate(kinds):
-            if kind in small:  # a kind held r times per block: its j-th leaf is in block j // r
-                per_block = max(1, small[kind] // blocks)
-                buffer = f"{kind[0]}_{min(seen[kind] // per_block, blocks - 1)}"
-                seen[kind] += 1
+        groups: dict[tuple, list[int]] = {}
+        alone: dict[int, str] = {}
+        for k, (leaf, dtype, shape) in enumerate(zip(leaves, dtypes, shapes, strict=True)):
+            name = jnp.dtype(dtype).name
+            if math.prod(shape) >= ALONE or _shared_across_devices(leaf):
+                alone[k] = f"{name}_leaf{k}"
             else:
-                buffer = f"{kind[0]}_leaf{index}"
-            buffers.append(buffer)
-            starts.append(filled.get(buffer, 0))
-            filled[buffer] = starts[-1] + math.prod(kind[1])
-        return cls(treedef, shapes, tuple(buffers), tuple(starts))
+                groups.setdefault((name, shape), []).append(k)
+        buffers, starts, rows = [""] * len(leaves), [0] * len(leaves), [0] * len(leaves)
+        for k, buffer in alone.items():
+            buffers[k] = buffer
+        filled: collections.Counter = collections.Counter()  # elements per buffer
+        held: collections.Counter = collections.Counter()  # leaves per buffer
+        opened: collections.Counter = collections.Counter()  # buffers per dtype, less one
+        for (name, shape), members in groups.items():
+            size, buffer, start = math.prod(shape), "", 0
+            for k in members:
+                if not buffer or held[buffer] >= LEAVES_PER_BUFFER or filled[buffer] + size > BUFFER_LIMIT:
+                    if buffer:  # the group goes on in the next buffer, from row 0
+                        opened[name] += 1
+                    buffer = f"{name}_{opened[name]}"
+                    if held[buffer] >= LEAVES_PER_BUFFER or filled[buffer] + size > BUFFER_LIMIT:
+                        opened[name] += 1
+                        buffer = f"{name}_{opened[name]}"
+                    start = filled[buffer]
+                buffers[k], starts[k], rows[k] = buffer, start, (filled[buffer] - start) // max(size, 1)
+                filled[buffer] += size
+                held[buffer] += 1
+        return cls(treedef, shapes, tuple(buffers), tuple(starts), tuple(rows))
 
-    def pack(self, tree: Any, what: str = "updates") -> PackedArrays:
-        """``tree`` (structured like the params) as flat buffers; a buffer whose leaves differ in dtype
-        (integer gradients, say) is formed in their common dtype."""
-        (check_updates if what == "updates" else check_params)(tree)
-        leaves, treedef = jax.tree.flatten(tree)
-        if treedef != self.treedef:
+    def leaves_of(self, tree: Any, what: str) -> list:
+        """The leaves of ``tree``, checked against the params' shapes; the tree may wrap them in other
+        nodes (Flax NNX's ``Param``, say) than the params given to ``init`` did."""
+        leaves = jax.tree.leaves(tree)
+        if len(leaves) != len(self.shapes):
             raise ValueError(
-                f"{what} has structure {treedef}, but the optimizer state was built for {self.treedef}; "
-                "pass a tree with the structure of the params given to init"
+                f"{what} has {len(leaves)} array leaves, but the optimizer state was built for params with "
+                f"{len(self.shapes)} ({self.treedef}); pass a tree holding the leaves of the params given to init"
             )
-        members: dict[str, list[jax.Array]] = {}
-        for index, (leaf, shape, buffer) in enumerate(zip(leaves, self.shapes, self.buffers, strict=True)):
+        for index, (leaf, shape) in enumerate(zip(leaves, self.shapes, strict=True)):
             if jnp.shape(leaf) != shape:
                 path = jax.tree_util.keystr(jax.tree_util.tree_flatten_with_path(tree)[0][index][0])
                 raise ValueError(f"{what}{path} has shape {jnp.shape(leaf)}, but its param has shape {shape}")
-            members.setdefault(buffer, []).append(jnp.ravel(leaf))
-        return PackedArrays({buffer: jnp.concatenate(arrays) for buffer, arrays in members.items()}, self)
+        return leaves
 
-    def unpack(self, packed: PackedArrays) -> Any:
-        """The params-shaped tree of ``packed``."""
-        leaves = [
-            jax.lax.slice(packed.buffers[buffer], (start,), (start + math.prod(shape),)).reshape(shape)
-            for shape, buffer, start in zip(self.shapes, self.buffers, self.starts, strict=True)
-        ]
-        return self.treedef.unflatten(leaves)
+    def pack(self, tree: Any, what: str = "updates") -> PackedArrays:
+        """``tree`` (holding the params' leaves) as flat buffers; a buffer whose leaves differ in dtype
+        (integer gradients, say) is formed in their common dtype."""
+        (check_updates if what == "updates" else check_params)(tree)
+        leaves = self.leaves_of(tree, what)
+        return PackedArrays(
+            {
+                buffer: jnp.concatenate([jnp.ravel(leaves[k]) for k in members])
+                for buffer, members in self.members.items()
+            },
+            self,
+        )
+
+    def unpack(self, packed: PackedArrays, rows: tuple | None = None, treedef: Any = None) -> Any:
+        """The params-shaped tree of ``packed`` (in ``treedef``, by default the params' own).
+
+        ``rows`` are :class:`PackedState` ``.rows``: given (inside an update), a leaf is cut out at a
+        data-dependent offset, so leaves of one shape share one kernel; without them, at a static one.
+        """
+        leaves = []
+        for shape, buffer, start, row in zip(self.shapes, self.buffers, self.starts, self.rows, strict=True):
+            size, flat = math.prod(shape), packed.buffers[buffer]
+            if len(self.members[buffer]) == 1:
+                leaf = flat
+            elif rows and self.row_count:
+                leaf = jax.lax.dynamic_slice(flat, (start + rows[row] * size,), (size,))
+            else:
+                leaf = jax.lax.slice(flat, (start + row * size,), (start + (row + 1) * size,))
+            leaves.append(leaf.reshape(shape))
+        return (treedef or self.treedef).unflatten(leaves)
 
 
 @jax.tree_util.register_pytree_with_keys_class
@@ -168,11 +237,13 @@ jax.tree_util.register_pytree_node(Layout, lambda layout: ((), layout), lambda l
 
 
 class PackedState(NamedTuple):
-    """State of :func:`packed`: the params' :class:`Layout` (no arrays) and the inner state, whose
-    slots are :class:`PackedArrays`."""
+    """State of :func:`packed`: the params' :class:`Layout` (no arrays), the inner state, whose
+    slots are :class:`PackedArrays`, and ``rows``: the int32 scalars ``0, 1, ...`` as data, one per
+    row of the largest group of same-shaped leaves (see :class:`Layout`; not a slot)."""
 
     layout: Layout
     inner_state: OptState
+    rows: tuple[jax.Array, ...] = ()
 
 
 def is_packed(tree: Any) -> bool:
@@ -213,7 +284,8 @@ def packed(inner: GradientTransformation) -> GradientTransformation:
 
     def init(params: Params) -> PackedState:
         layout = Layout.of(params)
-        return PackedState(layout, inner.init(layout.pack(params, "params")))
+        rows = tuple(jnp.asarray(row, jnp.int32) for row in range(layout.row_count))
+        return PackedState(layout, inner.init(layout.pack(params, "params")), rows)
 
     @compiled_when_eager
     @expects(PackedState)
@@ -221,6 +293,7 @@ def packed(inner: GradientTransformation) -> GradientTransformation:
         layout = state.layout
         flat_params = None if params is None else layout.pack(params, "params")
         new, inner_state = inner.update(layout.pack(updates), state.inner_state, flat_params, **keep(extra_args))
-        return layout.unpack(new), PackedState(layout, inner_state)
+        # Updates come back in the caller's tree: NNX, say, inits with Param-wrapped leaves, updates with arrays.
+        return layout.unpack(new, state.rows, jax.tree.structure(updates)), PackedState(layout, inner_state, state.rows)
 
     return GradientTransformation(init, update)

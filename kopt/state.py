@@ -36,7 +36,7 @@ from kopt.tree import hyperparam_dtype
 from kopt.validation import check_hyperparam, is_concrete
 
 _INNER_FIELDS = ("inner_state", "inner_states")
-_NOT_SLOTS = ("hyperparams", "layout", *_INNER_FIELDS)  # kopt.packed's layout is structure, not a slot
+_NOT_SLOTS = ("hyperparams", "layout", "rows", *_INNER_FIELDS)  # kopt.packed: structure and row numbers, not slots
 
 #: Hyperparameters that are read-outs, written by ``update`` (not settable).
 READ_ONLY = {"current_lr": "it is the learning rate of the latest step; set lr (the schedule's base value) instead"}

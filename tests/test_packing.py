@@ -9,6 +9,7 @@ squares in another order, so it agrees to a few ulps of the clip factor.
 
 from __future__ import annotations
 
+import collections
 import re
 
 import chex
@@ -149,33 +150,36 @@ class TestPackedFloat64(X64, PackedMatchesPerLeaf):
 # ----------------------------------------------------------------------------- layout and state access
 
 
-def test_layout_puts_each_repeated_block_in_its_own_buffer_at_the_same_offsets():
+def test_layout_groups_leaves_by_shape_and_cuts_them_at_rows_carried_as_data():
     block = {"w": jnp.ones((3, 4)), "b": jnp.ones(4), "s": jnp.ones(())}
     params = {"blocks": [block, block, block], "head": jnp.ones((3, 4))}
     state = kopt.Adam(packed=True).init(params)
     m = state.inner_state[0].m
     assert isinstance(m, kopt.PackedArrays)
-    # 3 blocks (the most common leaf count of a shape); the extra (3, 4) leaf joins the last block.
-    assert {name: int(b.size) for name, b in m.buffers.items()} == {
-        "float32_0": 17,
-        "float32_1": 17,
-        "float32_2": 17 + 12,
-    }
-    # Each block's w sits at the same offset of its own buffer, so its slicing kernel is the same kernel.
+    assert {name: int(b.size) for name, b in m.buffers.items()} == {"float32_0": 3 * 17 + 12}
+    # Leaves of one shape form a group: one start, consecutive rows, whatever their order in the tree.
     layout = state.layout
     paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-    ws = [paths.index(f"['blocks'][{k}]['w']") for k in range(3)]
-    assert len({layout.buffers[i] for i in ws}) == 3
-    assert len({layout.starts[i] for i in ws}) == 1
+    ws = [paths.index(f"['blocks'][{k}]['w']") for k in range(3)] + [paths.index("['head']")]
+    assert {layout.starts[i] for i in ws} == {layout.starts[ws[0]]}
+    assert sorted(layout.rows[i] for i in ws) == [0, 1, 2, 3]
+    # The rows are data in the state (int32 scalars), so each shape's slicing kernel is compiled once.
+    chex.assert_trees_all_equal(state.rows, tuple(jnp.arange(4, dtype=jnp.int32)))
     chex.assert_trees_all_equal(kopt.get_slot(state, "m"), jax.tree.map(jnp.zeros_like, params))
+    assert "rows" not in kopt.slot_names(state)
 
 
-def test_layout_keeps_a_shape_repeated_within_a_block_in_that_block():
-    # 5 blocks of 6 norm vectors of one shape and one conv: one buffer per block, not one per vector.
-    params = {"blocks": [{"norm": [jnp.ones(8)] * 6, "conv": jnp.ones((3, 3, 8, 8))} for _ in range(5)]}
-    layout = kopt.Adam(packed=True).init(params).layout
-    assert len(set(layout.buffers)) == 5
-    assert len(set(layout.starts)) == 7  # the same 7 offsets in every block
+def test_layout_caps_leaves_per_buffer_and_keeps_big_leaves_alone():
+    from kopt import packing
+
+    n = packing.LEAVES_PER_BUFFER
+    params = {"norms": [jnp.full(8, float(k)) for k in range(n + 2)], "conv": jnp.ones((3, 3, 8, 8))}
+    state = kopt.Adam(packed=True).init(params)
+    layout = state.layout
+    assert sorted(collections.Counter(layout.buffers).values()) == [3, n]  # conv joins the 2 leftover norms
+    packed_params = layout.pack(params, "params")
+    chex.assert_trees_all_equal(layout.unpack(packed_params), params)
+    chex.assert_trees_all_equal(layout.unpack(packed_params, state.rows), params)
     big = {"big": jnp.ones(1 << 16), "small": jnp.ones(3)}
     assert kopt.Adam(packed=True).init(big).layout.buffers == ("float32_leaf0", "float32_0")
 
@@ -191,7 +195,7 @@ def test_mixed_dtypes_get_separate_buffers_and_the_per_leaf_dtypes():
         chex.assert_trees_all_close(u_packed, u_plain, rtol=5e-7, atol=1e-8)
         chex.assert_trees_all_equal_dtypes(u_packed, u_plain)
     assert {b.dtype for b in pk.inner_state[0].m.buffers.values()} == {jnp.dtype(jnp.float32)}
-    assert sorted(pk.inner_state[0].m.buffers) == ["bfloat16_0", "float32_0"]  # a and c: first of their shapes
+    assert sorted(pk.inner_state[0].m.buffers) == ["bfloat16_0", "float32_0"]  # a and c share one
 
 
 def test_get_and_set_slot_work_leaf_by_leaf():
@@ -273,7 +277,9 @@ def test_bad_inputs_name_what_is_wrong():
     params = {"a": jnp.ones(2), "b": jnp.ones(3)}
     opt = kopt.Adam(packed=True)
     state = opt.init(params)
-    with pytest.raises(ValueError, match="updates has structure"):
+    with pytest.raises(
+        ValueError, match="updates has 1 array leaves, but the optimizer state was built for params with 2"
+    ):  # noqa: E501
         opt.update({"a": jnp.ones(2)}, state)
     with pytest.raises(ValueError, match=re.escape("updates['b'] has shape (4,), but its param has shape (3,)")):
         opt.update({"a": jnp.ones(2), "b": jnp.ones(4)}, state)
