@@ -279,7 +279,7 @@ def test_bad_inputs_name_what_is_wrong():
     state = opt.init(params)
     with pytest.raises(
         ValueError, match="updates has 1 array leaves, but the optimizer state was built for params with 2"
-    ):  # noqa: E501
+    ):
         opt.update({"a": jnp.ones(2)}, state)
     with pytest.raises(ValueError, match=re.escape("updates['b'] has shape (4,), but its param has shape (3,)")):
         opt.update({"a": jnp.ones(2), "b": jnp.ones(4)}, state)
