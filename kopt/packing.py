@@ -73,6 +73,17 @@ def _shared_across_devices(leaf: Any) -> bool:
         return True
 
 
+def _has_metadata(node: Any) -> bool:
+    return callable(getattr(node, "get_metadata", None))  # a Flax NNX Variable (Param, ...)
+
+
+def _asks_own_sharding(node: Any) -> bool:
+    """Whether ``node`` is a variable whose metadata names a sharding for it (Flax NNX's ``out_sharding``,
+    Linen's ``sharding``/``sharding_names``): packing would discard it, so it keeps its own buffer."""
+    metadata = node.get_metadata() if _has_metadata(node) else {}
+    return any(metadata.get(key) for key in ("out_sharding", "sharding", "sharding_names"))
+
+
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """Where every leaf of a params tree sits in the flat buffers (static: part of the tree structure).
@@ -82,8 +93,9 @@ class Layout:
     shape) starts at ``starts[k]``, so the leaf's elements are
     ``buffer[starts[k] + rows[k] * size : ... + size]``. One buffer holds
     the small leaves of one dtype, grouped by shape in order of appearance;
-    a leaf of :data:`ALONE` elements or more, or one laid out across several
-    devices, is a buffer by itself (a free reshape).
+    a leaf of :data:`ALONE` elements or more, one laid out across several
+    devices, or one whose variable metadata asks for a sharding (Flax NNX) is
+    a buffer by itself (a free reshape).
 
     Why groups and rows: XLA compiles one kernel per distinct computation,
     and a slice at a baked-in offset is a distinct computation per leaf. The
@@ -126,11 +138,16 @@ class Layout:
         dtypes = check_params(params)
         leaves, treedef = jax.tree.flatten(params)
         shapes = tuple(tuple(jnp.shape(leaf)) for leaf in leaves)
+        own = [
+            _asks_own_sharding(node)
+            for node in jax.tree.leaves(params, is_leaf=_has_metadata)
+            for _ in jax.tree.leaves(node)
+        ]
         groups: dict[tuple, list[int]] = {}
         alone: dict[int, str] = {}
         for k, (leaf, dtype, shape) in enumerate(zip(leaves, dtypes, shapes, strict=True)):
             name = jnp.dtype(dtype).name
-            if math.prod(shape) >= ALONE or _shared_across_devices(leaf):
+            if math.prod(shape) >= ALONE or _shared_across_devices(leaf) or own[k]:
                 alone[k] = f"{name}_leaf{k}"
             else:
                 groups.setdefault((name, shape), []).append(k)
@@ -177,8 +194,10 @@ class Layout:
         (check_updates if what == "updates" else check_params)(tree)
         leaves = self.leaves_of(tree, what)
         return PackedArrays(
-            {
-                buffer: jnp.concatenate([jnp.ravel(leaves[k]) for k in members])
+            {  # a leaf alone stays as it is: no copy, and it keeps its sharding
+                buffer: jnp.asarray(leaves[members[0]])
+                if len(members) == 1
+                else jnp.concatenate([jnp.ravel(leaves[k]) for k in members])
                 for buffer, members in self.members.items()
             },
             self,
@@ -194,7 +213,8 @@ class Layout:
         for shape, buffer, start, row in zip(self.shapes, self.buffers, self.starts, self.rows, strict=True):
             size, flat = math.prod(shape), packed.buffers[buffer]
             if len(self.members[buffer]) == 1:
-                leaf = flat
+                leaves.append(flat)
+                continue
             elif rows and self.row_count:
                 leaf = jax.lax.dynamic_slice(flat, (start + rows[row] * size,), (size,))
             else:

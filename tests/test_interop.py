@@ -285,3 +285,18 @@ def test_equinox_loop_with_none_leaves_trains_like_kopt_by_hand(packed):
         assert kopt.get_slot(state, slot).out.bias is None
         chex.assert_trees_all_close(plain(kopt.get_slot(state, slot)), kopt.get_slot(hand_state, slot), **TOLERANCE)
     assert int(kopt.iterations(state)) == STEPS
+
+
+def test_flax_nnx_params_asking_for_a_sharding_keep_their_own_buffer():
+    nnx = pytest.importorskip("flax.nnx")
+    with jax.set_mesh(jax.make_mesh((1,), ("model",))):
+        params = {
+            "sharded": nnx.Param(jnp.ones((4, 8)), out_sharding=(None, "model")),
+            "a": nnx.Param(jnp.ones(8)),
+            "b": nnx.Param(jnp.ones(8)),
+        }
+        layout = kopt.Adam(packed=True).init(params).layout
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    buffers = dict(zip(paths, layout.buffers, strict=True))
+    assert buffers["['sharded'].value"].startswith("float32_leaf")
+    assert buffers["['a'].value"] == buffers["['b'].value"] == "float32_0"
