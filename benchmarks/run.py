@@ -18,6 +18,7 @@ import ctypes
 import dataclasses
 import datetime
 import gc
+import itertools
 import math
 import os
 import platform
@@ -38,6 +39,9 @@ import optax
 
 import kopt
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import zoo
+
 try:
     import torch
 except ImportError:  # torch is optional: its columns stay empty
@@ -45,9 +49,14 @@ except ImportError:  # torch is optional: its columns stay empty
 
 jax.config.update("jax_enable_compilation_cache", False)  # every compile below is a real one
 
+ON_GPU = jax.default_backend() == "gpu"
+# torch.optim runs on the device JAX runs on: the same GPU, or the CPU.
+TORCH_DEVICE = "cuda" if ON_GPU and torch is not None and torch.cuda.is_available() else "cpu"
+
 RESULTS = Path(__file__).resolve().parent / "results"
 NAN = float("nan")
 EPS = 1e-7  # Keras 2's epsilon, given to the peers too
+LOOP_STEPS = 20  # steps per jitted loop for the device time (GPU)
 CLIPNORM = 1.0
 
 
@@ -204,8 +213,19 @@ def small_leaves(n: int) -> dict:
 def shapes(quick: bool) -> list[tuple[str, dict]]:
     big = gpt2(12, 384, 16384) if quick else gpt2(12, 768, 50257)
     leaves = small_leaves(500 if quick else 2000)
-    trees = [{"w": f32(1 << 24)}, big, leaves]
-    names = ["1 leaf", "gpt2", "small leaves"]
+    width = 0.25 if quick else 1.0  # the model zoo's channel counts
+    trees = [
+        {"w": f32(1 << 24)},
+        big,
+        leaves,
+        zoo.random_order(1000),
+        zoo.distinct(500 if quick else 2000),
+        zoo.resnet50(width),
+        zoo.vit_b(width),
+        zoo.unet(width),
+        zoo.moe(width),
+    ]
+    names = ["1 leaf", "gpt2", "small leaves", "random order", "distinct", "resnet50", "vit-b", "unet", "moe"]
     return [
         (f"{name} {sum(math.prod(s.shape) for s in jax.tree.leaves(t)) / 1e6:.1f}M/{len(jax.tree.leaves(t))}", t)
         for name, t in zip(names, trees, strict=True)
@@ -231,6 +251,7 @@ class Row:
     n_params: int
     n_leaves: int
     step_ms: float = NAN  # jitted update + apply, params and state donated (torch: its in-place step)
+    loop_ms: float = NAN  # device time per step: K steps in one jitted fori_loop (GPU only; torch: CUDA graph)
     step_nodonate_ms: float = NAN  # the same without donation (fresh output buffers)
     lower_s: float = NAN  # jax.jit(step, donate_argnums=(0, 1)).lower(...)
     compile_s: float = NAN  # lowered.compile() (train_step rows: first call, trace + compile + run)
@@ -357,6 +378,15 @@ class JaxRun:
 
         return run
 
+    def loop(self, opt: Any, apply_updates: Callable, steps: int) -> Callable[[], None]:
+        step = make_step(opt, apply_updates)
+
+        def many(params, state, grads):
+            return jax.lax.fori_loop(0, steps, lambda _, carry: step(*carry, grads), (params, state))
+
+        compiled = jax.jit(many, donate_argnums=(0, 1)).lower(self.params, self.state, self.grads).compile()
+        return self.step(compiled)
+
     def eager(self, opt: Any) -> Callable[[], None]:
         def run():
             updates, self.state = opt.update(self.grads, self.state, self.params)
@@ -369,17 +399,36 @@ class TorchRun:
     """torch.optim on a copy of the params; a step is (clip_grad_norm_ +) opt.step()."""
 
     def __init__(self, spec: Spec, params: Any, grads: list, impl: str):
-        self.params = [torch.nn.Parameter(torch.from_numpy(np.array(p))) for p in jax.tree.leaves(params)]
+        device = TORCH_DEVICE
+        self.params = [torch.nn.Parameter(torch.from_numpy(np.array(p)).to(device)) for p in jax.tree.leaves(params)]
         for p, g in zip(self.params, grads, strict=True):
             p.grad = g  # shared by the torch runs (clip_grad_norm_ rescales it in place: the same work)
         cls, kwargs = spec.torch
-        self.opt = getattr(torch.optim, cls)(self.params, **kwargs, **{impl: True})
+        graphed = impl == "fused-graph"
+        options = {"fused": True, "capturable": True} if graphed else {impl: True}
+        self.opt = getattr(torch.optim, cls)(self.params, **kwargs, **options)
         self.clipnorm = spec.clipnorm
+        self.graph = None
+        if graphed:  # the step captured once and replayed: no launch overhead (device time)
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(3):
+                    self.step()
+            torch.cuda.current_stream().wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.step()
 
-    def __call__(self) -> None:
+    def step(self) -> None:
         if self.clipnorm:
             torch.nn.utils.clip_grad_norm_(self.params, self.clipnorm, foreach=True)
         self.opt.step()
+
+    def __call__(self) -> None:
+        self.graph.replay() if self.graph is not None else self.step()
+        if TORCH_DEVICE == "cuda":
+            torch.cuda.synchronize()
 
 
 class Triad:
@@ -427,9 +476,16 @@ def measure(
                 row.kernels, row.xla_mb = kernel_count(compiled), xla_mb(compiled)
             else:
                 row.xla_nodonate_mb = xla_mb(compiled)
+    if ON_GPU:  # device time: K steps in one jitted loop, so launch overhead is paid once per K
+        for lib, (opt, apply) in libs.items():
+            runners[(f"{lib}-loop", True)] = runs[lib].loop(opt, apply, LOOP_STEPS)
     if torch is not None and spec.torch:
-        torch_grads = [torch.from_numpy(np.array(g)) for g in jax.tree.leaves(grads)]
-        for impl in ("foreach", "fused") if spec.torch_fused else ("foreach",):
+        torch_grads = [torch.from_numpy(np.array(g)).to(TORCH_DEVICE) for g in jax.tree.leaves(grads)]
+        fused = ("fused", "fused-graph") if TORCH_DEVICE == "cuda" else ("fused",)
+        for impl in ("foreach", *fused) if spec.torch_fused else ("foreach",):
+            if impl == "fused-graph":
+                runners[("torch-fused-graph", True)] = TorchRun(spec, params, torch_grads, impl)
+                continue
             rows[f"torch-{impl}"] = Row(shape, spec.name, f"torch-{impl}", n, len(jax.tree.leaves(params)))
             runners[(f"torch-{impl}", True)] = TorchRun(spec, params, torch_grads, impl)
     runners[("triad", True)] = triad
@@ -437,6 +493,10 @@ def measure(
         if lib == "triad":
             for row in rows.values():
                 row.triad_gbps = triad.gbps(median)
+        elif lib.endswith("-loop"):
+            rows[lib[: -len("-loop")]].loop_ms = 1e3 * median / LOOP_STEPS
+        elif lib == "torch-fused-graph":
+            rows["torch-fused"].loop_ms = 1e3 * median
         elif donate:
             rows[lib].step_ms = 1e3 * median
         else:
@@ -515,6 +575,117 @@ def measure_train_step(shape: str, params: Any, batch: Any, spec: Spec, reps: in
     return finish(rows)
 
 
+def nnx_models(quick: bool) -> dict[str, Callable[[], Any]]:
+    """A ResNet-style CNN and a small transformer (Flax NNX), with a batch each."""
+    from flax import nnx
+
+    class Block(nnx.Module):
+        def __init__(self, c, rngs):
+            self.conv1, self.bn1 = nnx.Conv(c, c, (3, 3), rngs=rngs), nnx.BatchNorm(c, rngs=rngs)
+            self.conv2, self.bn2 = nnx.Conv(c, c, (3, 3), rngs=rngs), nnx.BatchNorm(c, rngs=rngs)
+
+        def __call__(self, x):
+            return nnx.relu(x + self.bn2(self.conv2(nnx.relu(self.bn1(self.conv1(x))))))
+
+    class CNN(nnx.Module):
+        def __init__(self, rngs, widths=(16, 32, 64), blocks=4):
+            self.stem = nnx.Conv(3, widths[0], (3, 3), rngs=rngs)
+            self.stages = nnx.List([nnx.List([Block(w, rngs) for _ in range(blocks)]) for w in widths])
+            self.downs = nnx.List([nnx.Conv(a, b, (1, 1), strides=2, rngs=rngs) for a, b in itertools.pairwise(widths)])
+            self.head = nnx.Linear(widths[-1], 10, rngs=rngs)
+
+        def __call__(self, x):
+            x = self.stem(x)
+            for k, stage in enumerate(self.stages):
+                for block in stage:
+                    x = block(x)
+                if k < len(self.downs):
+                    x = self.downs[k](x)
+            return self.head(x.mean(axis=(1, 2)))
+
+    class Layer(nnx.Module):
+        def __init__(self, d, rngs):
+            self.ln1, self.ln2 = nnx.LayerNorm(d, rngs=rngs), nnx.LayerNorm(d, rngs=rngs)
+            self.attn = nnx.MultiHeadAttention(4, d, decode=False, rngs=rngs)
+            self.up, self.down = nnx.Linear(d, 4 * d, rngs=rngs), nnx.Linear(4 * d, d, rngs=rngs)
+
+        def __call__(self, x):
+            x = x + self.attn(self.ln1(x))
+            return x + self.down(nnx.gelu(self.up(self.ln2(x))))
+
+    class Transformer(nnx.Module):
+        def __init__(self, rngs, d=128, layers=6, vocab=512):
+            self.embed = nnx.Embed(vocab, d, rngs=rngs)
+            self.layers = nnx.List([Layer(d, rngs) for _ in range(layers)])
+            self.out = nnx.Linear(d, vocab, rngs=rngs)
+
+        def __call__(self, x):
+            h = self.embed(x)
+            for layer in self.layers:
+                h = layer(h)
+            return self.out(h)
+
+    rng = np.random.default_rng(0)
+    images = (
+        jnp.asarray(rng.normal(size=(8 if quick else 32, 16, 16, 3)), jnp.float32),
+        jnp.arange(8 if quick else 32) % 10,
+    )
+    tokens = jnp.asarray(rng.integers(0, 512, size=(8, 64 if quick else 128)))
+    return {
+        "nnx resnet-style cnn": (lambda: CNN(nnx.Rngs(0)), images),
+        "nnx transformer": (lambda: Transformer(nnx.Rngs(0)), (tokens, jnp.roll(tokens, -1, axis=1))),
+    }
+
+
+def measure_nnx_train_step(quick: bool, reps: int) -> list[Row]:
+    """A whole Flax NNX train step (forward, backward, ``nnx.Optimizer.update``) with kopt's Adam (per leaf
+    and packed) against optax's, on a ResNet-style CNN and a small transformer."""
+    from flax import nnx
+
+    def loss_fn(model, x, y):
+        logits = model(x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    @nnx.jit
+    def train_step(model, optimizer, x, y):
+        loss, grads = nnx.value_and_grad(loss_fn)(model, x, y)
+        optimizer.update(model, grads)
+        return loss
+
+    rows = []
+    for shape, (make, (x, y)) in nnx_models(quick).items():
+        contestants = {
+            "kopt": lambda: kopt.Adam(lr=1e-3),
+            "kopt packed": lambda: kopt.Adam(lr=1e-3, packed=True),
+            "optax": lambda: optax.adam(1e-3, eps=EPS),
+        }
+        runners, leaves, n = {}, 0, 0
+        for impl, tx in contestants.items():
+            model = make()
+            params = nnx.state(model, nnx.Param)
+            leaves, n = len(jax.tree.leaves(params)), sum(p.size for p in jax.tree.leaves(params))
+            optimizer = nnx.Optimizer(model, tx(), wrt=nnx.Param)
+
+            def run(model=model, optimizer=optimizer, x=x, y=y):
+                jax.block_until_ready(train_step(model, optimizer, x, y))
+
+            runners[impl] = run
+        timed = interleaved(runners, reps)
+        label = f"{shape} {n / 1e6:.1f}M/{leaves}"
+        for packed in (False, True):
+            k = timed["kopt packed" if packed else "kopt"]
+            name = "adam packed nnx train step" if packed else "adam nnx train step"
+            rows += finish(
+                [
+                    Row(label, name, "kopt", n, leaves, step_ms=1e3 * k[1], compile_s=k[0]),
+                    Row(label, name, "optax", n, leaves, step_ms=1e3 * timed["optax"][1], compile_s=timed["optax"][0]),
+                ]
+            )
+        del runners
+        free()
+    return rows
+
+
 # ----------------------------------------------------------------------------- reporting
 
 
@@ -549,6 +720,7 @@ def table(rows: list[Row]) -> list[str]:
         "torch ms fused / foreach",
         "kopt/fused",
         "kopt/foreach",
+        "device ms/step kopt / optax / torch fused graph",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     by_key: dict[tuple, dict[str, Row]] = {}
@@ -577,6 +749,7 @@ def table(rows: list[Row]) -> list[str]:
             pair(fused.step_ms if fused else NAN, foreach.step_ms if foreach else NAN),
             fmt(fused.x_step) if fused else "",
             fmt(foreach.x_step) if foreach else "",
+            "" if math.isnan(k.loop_ms) else f"{pair(k.loop_ms, o.loop_ms)} / {fmt(fused.loop_ms if fused else NAN)}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -762,6 +935,9 @@ def main(argv: list[str] | None = None) -> None:
                 rows += measure_train_step(shape, params, grads, spec, args.reps)
         del params, grads
         free()
+    if not args.shapes or "nnx" in args.shapes:
+        rows += measure_nnx_train_step(args.quick, args.reps)
+        print(f"[{time.perf_counter() - started:4.0f}s] nnx train steps", flush=True)
     load.append(os.getloadavg())
     elapsed = time.perf_counter() - started
 
