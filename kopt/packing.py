@@ -11,11 +11,17 @@ transformation's per-array math once per buffer:
     u_i = u_b[start_i : start_i + size_i]                    # fuses into params + u_i
 
 An Adam step then writes each param once and each slot buffer once, instead
-of writing three arrays per leaf. The ``j``-th leaf of each shape goes to the
-``j``-th buffer, so a model of repeated blocks gets one buffer per block, laid
-out alike: the slicing kernels of every block are identical and XLA compiles
-each distinct kernel once (offsets baked in per leaf would make every kernel
-distinct and compilation slow).
+of writing three arrays per leaf. XLA compiles one kernel per distinct
+computation, so the cut ``u_b[start_i : start_i + size_i]`` must not bake in a
+per-leaf offset: leaves of one shape sit side by side as the rows of a group,
+and the row is a scalar carried in the state as data (see :class:`Layout`).
+All leaves of a shape then share one kernel, whatever the order of the tree,
+and compile time follows the number of distinct shapes.
+
+A tree is the same tree when it holds the same leaves: the params given to
+``init`` may wrap their arrays in other nodes than the updates (Flax NNX
+inits with ``Param`` variables and updates with plain arrays), and updates
+come back in the structure they were given.
 
 The math is the same function of the same numbers, element by element, so
 every elementwise rule (all Keras optimizers, ``clipvalue``, schedules, decay,
