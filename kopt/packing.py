@@ -164,19 +164,23 @@ class Layout:
         held: collections.Counter = collections.Counter()  # leaves per buffer
         opened: collections.Counter = collections.Counter()  # buffers per dtype, less one
         for (name, shape), members in groups.items():
-            size, buffer, start = math.prod(shape), "", 0
+            size = math.prod(shape)
+
+            def full(buffer: str, size: int = size) -> bool:
+                return held[buffer] >= LEAVES_PER_BUFFER or filled[buffer] + size > BUFFER_LIMIT
+
+            buffer, start, row = "", 0, 0
             for k in members:
-                if not buffer or held[buffer] >= LEAVES_PER_BUFFER or filled[buffer] + size > BUFFER_LIMIT:
-                    if buffer:  # the group goes on in the next buffer, from row 0
-                        opened[name] += 1
+                if not buffer or full(buffer):  # the group starts, or goes on in the next buffer from row 0
                     buffer = f"{name}_{opened[name]}"
-                    if held[buffer] >= LEAVES_PER_BUFFER or filled[buffer] + size > BUFFER_LIMIT:
+                    while full(buffer):
                         opened[name] += 1
                         buffer = f"{name}_{opened[name]}"
-                    start = filled[buffer]
-                buffers[k], starts[k], rows[k] = buffer, start, (filled[buffer] - start) // max(size, 1)
+                    start, row = filled[buffer], 0
+                buffers[k], starts[k], rows[k] = buffer, start, row
                 filled[buffer] += size
                 held[buffer] += 1
+                row += 1
         return cls(treedef, shapes, tuple(buffers), tuple(starts), tuple(rows))
 
     def leaves_of(self, tree: Any, what: str) -> list:
@@ -218,14 +222,13 @@ class Layout:
         leaves = []
         for shape, buffer, start, row in zip(self.shapes, self.buffers, self.starts, self.rows, strict=True):
             size, flat = math.prod(shape), packed.buffers[buffer]
-            if len(self.members[buffer]) == 1:
-                leaves.append(flat)
-                continue
+            if len(self.members[buffer]) == 1:  # a leaf alone is its buffer, as it is
+                leaf = flat
             elif rows and self.row_count:
-                leaf = jax.lax.dynamic_slice(flat, (start + rows[row] * size,), (size,))
+                leaf = jax.lax.dynamic_slice(flat, (start + rows[row] * size,), (size,)).reshape(shape)
             else:
-                leaf = jax.lax.slice(flat, (start + row * size,), (start + (row + 1) * size,))
-            leaves.append(leaf.reshape(shape))
+                leaf = jax.lax.slice(flat, (start + row * size,), (start + (row + 1) * size,)).reshape(shape)
+            leaves.append(leaf)
         return (treedef or self.treedef).unflatten(leaves)
 
 
