@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from kopt.base import GradientTransformation, OptState, Params, Updates, accepted_extra_args, expects
-from kopt.state import init_hyperparams
+from kopt.state import current_hyperparams, init_hyperparams
 from kopt.tree import map_arrays, slot_dtype
 from kopt.validation import check_count, check_hyperparam
 
@@ -59,7 +59,8 @@ def lookahead(
         _needs_params(params, "lookahead")
         updates, inner_state = inner.update(updates, state.inner_state, params, **keep(extra_args))
         sync = state.step_in_period + 1 == sync_period
-        alpha = state.hyperparams["slow_step_size"]
+        hp = current_hyperparams(state.hyperparams, values)
+        alpha = hp["slow_step_size"]
 
         def leaf(u, p, slow):
             fast = p + u
@@ -67,9 +68,7 @@ def lookahead(
             return jnp.where(sync, synced - p, u), p, jnp.where(sync, synced, slow)
 
         updates, _, slow = map_arrays(leaf, updates, params, state.slow)
-        return updates, LookaheadState(
-            inner_state, slow, jnp.where(sync, 0, state.step_in_period + 1), state.hyperparams
-        )
+        return updates, LookaheadState(inner_state, slow, jnp.where(sync, 0, state.step_in_period + 1), hp)
 
     return GradientTransformation(init, update)
 
@@ -101,10 +100,11 @@ def ema_params(decay: float = 0.999) -> GradientTransformation:
     def update(updates: Updates, state: EmaParamsState, params: Params | None = None, **extra_args):
         del extra_args
         _needs_params(params, "ema_params")
-        decay = state.hyperparams["ema_decay"]
+        hp = current_hyperparams(state.hyperparams, values)
+        decay = hp["ema_decay"]
         updates, _, ema = map_arrays(
             lambda u, p, ema: (u, p, decay * ema + (1 - decay) * (p + u)), updates, params, state.ema
         )
-        return updates, EmaParamsState(ema, state.hyperparams)
+        return updates, EmaParamsState(ema, hp)
 
     return GradientTransformation(init, update)

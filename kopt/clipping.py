@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from kopt.base import GradientTransformation, expects
 from kopt.packing import refuse_packed
-from kopt.state import init_hyperparams
+from kopt.state import current_hyperparams, init_hyperparams
 from kopt.tree import map_arrays, sum_of_squares
 from kopt.validation import check_hyperparam
 
@@ -34,7 +34,8 @@ def _clip_transform(name: str, value: float, update_with) -> GradientTransformat
     @expects(ClipState)
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
-        return update_with(updates, state.hyperparams[name]), state
+        hp = current_hyperparams(state.hyperparams, values)
+        return update_with(updates, hp[name]), ClipState(hp)
 
     return GradientTransformation(init, update)
 

@@ -36,7 +36,7 @@ from kopt.transforms import (
     scale_by_rms,
     trace,
 )
-from kopt.validation import check_bool, check_clip_option, check_hyperparam, check_state_dtype
+from kopt.validation import check_bool, check_clip_option, check_hyperparam, check_state_dtype, is_concrete
 
 #: Keras 2.2.4's ``K.epsilon()``, the value ``epsilon=None`` resolves to.
 EPSILON = 1e-7
@@ -79,10 +79,16 @@ def _resolve_lr(lr: LearningRate | None, learning_rate: LearningRate | None, def
 def _decayed(lr: LearningRate, decay: float) -> Schedule | Callable:
     """Keras' ``decay`` as a schedule; a schedule given as ``lr`` already decides the decay."""
     if callable(lr):
-        if check_hyperparam("decay", decay) != 0:
+        decay = check_hyperparam("decay", decay)
+        if not is_concrete(decay) or decay != 0:
             raise ValueError("decay must be 0 when lr is a schedule (put the decay in the schedule)")
         return lr
     return inverse_time_decay(lr, decay)
+
+
+def _switched_on(clip: Any) -> bool:
+    """``None`` or ``0`` mean off, as in Keras; a traced value is on (see ``check_clip_option``)."""
+    return clip is not None and (not is_concrete(clip) or bool(clip))
 
 
 def _keras_optimizer(
@@ -102,9 +108,9 @@ def _keras_optimizer(
     clipnorm = check_clip_option("clipnorm", clipnorm)
     clipvalue = check_clip_option("clipvalue", clipvalue)
     clipping = []
-    if clipnorm:  # None or 0 mean off, as in Keras
+    if _switched_on(clipnorm):
         clipping.append(clip_by_global_norm(clipnorm))
-    if clipvalue:
+    if _switched_on(clipvalue):
         clipping.append(clip_by_value(clipvalue))
     given = {name: value for name, value in (("clipnorm", clipnorm), ("clipvalue", clipvalue)) if value is not None}
     if state_dtype is not None:
@@ -215,7 +221,8 @@ def Adagrad(
     lr = _resolve_lr(lr, learning_rate, 0.01)
     epsilon = EPSILON if epsilon is None else epsilon
     config = {"lr": lr, "decay": decay, "epsilon": epsilon}
-    if initial_accumulator_value != 0:  # a kopt extension: the config keeps Keras 2.2.4's keys otherwise
+    # a kopt extension: the config keeps Keras 2.2.4's keys otherwise
+    if not is_concrete(initial_accumulator_value) or initial_accumulator_value != 0:
         config["initial_accumulator_value"] = initial_accumulator_value
     return _keras_optimizer(
         "Adagrad",

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from kopt.base import GradientTransformation, Params, Updates, expects
-from kopt.state import init_hyperparams
+from kopt.state import current_hyperparams, init_hyperparams
 from kopt.tree import hyperparam_dtype, map_arrays
 from kopt.validation import check_count, check_hyperparam
 
@@ -71,7 +71,7 @@ def reduce_on_plateau(
         del params, extra_args
         if value is None:
             raise ValueError("reduce_on_plateau needs the monitored value: update(updates, state, params, value=loss)")
-        hp = state.hyperparams
+        hp = current_hyperparams(state.hyperparams, {**floats, **counts})
         value = jnp.asarray(value, state.best.dtype)
         in_cooldown = state.cooldown_counter > 0
         cooldown_counter = jnp.where(in_cooldown, state.cooldown_counter - 1, state.cooldown_counter)

@@ -61,6 +61,8 @@ import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
+
 from kopt import schedules
 from kopt.base import GradientTransformation, chain
 from kopt.clipping import clip_by_global_norm, clip_by_norm, clip_by_value
@@ -76,7 +78,7 @@ from kopt.transforms import (
     scale_by_rms,
     trace,
 )
-from kopt.validation import as_real, check_bool, check_clip_option, check_hyperparam
+from kopt.validation import as_real, check_bool, check_clip_option, check_hyperparam, is_concrete
 
 __all__ = ["SGD", "RMSprop", "Adagrad", "Adadelta", "Adam", "Adamax", "Nadam", "AdamW", "schedule_from_config"]
 
@@ -208,6 +210,9 @@ def _options(class_name: str, learning_rate: Any, options: dict[str, Any]) -> tu
     """``(learning_rate, options)``: TensorFlow's common keyword arguments checked, with their generation's
     defaults; the legacy ``lr`` spelling, if given, is the learning rate.
     """
+    if set(options) == {"options"} and isinstance(options["options"], Mapping):
+        # optax.inject_hyperparams re-binds the signature and passes **options on as one argument
+        options = dict(options["options"])
     lr = options.pop("lr", None)
     learning_rate = learning_rate if lr is None else lr
     legacy = check_bool("is_legacy_optimizer", options.pop("is_legacy_optimizer", True))
@@ -315,6 +320,17 @@ def _optimizer(
     return Optimizer(transform, class_name, {**ordered, **config}, LEGACY if legacy else CURRENT)
 
 
+def _structural(name: str, value: Any) -> float | jax.Array:
+    """A hyperparameter that decides the chain's shape (whether TensorFlow keeps a velocity), so it must be known."""
+    value = check_hyperparam(name, value)
+    if not is_concrete(value):
+        raise ValueError(
+            f"{name} decides which slots this TensorFlow optimizer keeps, so it cannot be traced; "
+            f"give it as a number (with optax.inject_hyperparams: static_args=({name!r},))"
+        )
+    return value
+
+
 # --------------------------------------------------------------------------- the optimizers
 
 
@@ -332,7 +348,7 @@ def SGD(learning_rate: Any = 0.01, momentum: float = 0.0, nesterov: bool = False
     learning_rate, options = _options("SGD", learning_rate, options)
     config = {"learning_rate": learning_rate, "momentum": momentum, "nesterov": nesterov}
     # The legacy SGD keeps no velocity without momentum; TF >= 2.11's always does (its `m`).
-    keeps_velocity = check_hyperparam("momentum", momentum) > 0 or not options["is_legacy_optimizer"]
+    keeps_velocity = not options["is_legacy_optimizer"] or _structural("momentum", momentum) > 0
     velocity = trace(momentum, nesterov) if keeps_velocity else None
     return _optimizer("SGD", config, options, [], momentum=velocity)
 
@@ -359,7 +375,7 @@ def RMSprop(
         >>> opt = kopt.tf_keras.RMSprop(momentum=0.9, centered=True)
     """
     learning_rate, options = _options("RMSprop", learning_rate, options)
-    has_momentum = check_hyperparam("momentum", momentum) > 0
+    has_momentum = _structural("momentum", momentum) > 0
     in_sqrt = has_momentum or not options["is_legacy_optimizer"]
     config = {"learning_rate": learning_rate, "rho": rho, "momentum": momentum, "epsilon": epsilon}
     config["centered"] = centered

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from kopt.base import GradientTransformation, Updates, expects
 from kopt.groups import masked
 from kopt.schedules import Schedule, constant_schedule
-from kopt.state import init_hyperparams
+from kopt.state import current_hyperparams, init_hyperparams
 from kopt.tree import hyperparam_dtype, map_arrays, zeros_slots
 from kopt.validation import check_bool, check_hyperparam, check_state_dtype
 
@@ -95,9 +95,10 @@ def scale_by_learning_rate(lr: float | Schedule | Callable[[jax.Array], jax.Arra
     @expects(ScaleByLearningRateState)
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
-        lr = learning_rate(state.count, state.hyperparams)
+        hyperparams = current_hyperparams(state.hyperparams, schedule.hyperparams)
+        lr = learning_rate(state.count, hyperparams)
         (updates,) = map_arrays(lambda g: (-lr * g,), updates)
-        return updates, ScaleByLearningRateState(_increment(state.count), {**state.hyperparams, "current_lr": lr})
+        return updates, ScaleByLearningRateState(_increment(state.count), {**hyperparams, "current_lr": lr})
 
     return GradientTransformation(init, update)
 
@@ -138,9 +139,10 @@ def trace(momentum: float = 0.0, nesterov: bool = False, state_dtype: Any = None
     @expects(TraceState)
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
-        momentum = state.hyperparams["momentum"]
+        hp = current_hyperparams(state.hyperparams, values)
+        momentum = hp["momentum"]
         updates, velocity = map_arrays(lambda u, vel: _trace_array(u, vel, momentum, nesterov), updates, state.velocity)
-        return updates, TraceState(velocity, state.hyperparams)
+        return updates, TraceState(velocity, hp)
 
     return GradientTransformation(init, update)
 
@@ -204,14 +206,15 @@ def scale_by_rms(
     @expects(ScaleByRmsState)
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
-        rho, epsilon = state.hyperparams["rho"], state.hyperparams["epsilon"]
+        hp = current_hyperparams(state.hyperparams, values)
+        rho, epsilon = hp["rho"], hp["epsilon"]
         updates, accumulator, mean_grad = map_arrays(
             lambda g, a, mg: _rms_array(g, a, mg, rho, epsilon, epsilon_in_sqrt),
             updates,
             state.accumulator,
             state.mean_grad,
         )
-        return updates, ScaleByRmsState(accumulator, mean_grad, state.hyperparams)
+        return updates, ScaleByRmsState(accumulator, mean_grad, hp)
 
     return GradientTransformation(init, update)
 
@@ -256,11 +259,12 @@ def scale_by_adagrad(
     @expects(ScaleByAdagradState)
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
-        epsilon = state.hyperparams["epsilon"]
+        hp = current_hyperparams(state.hyperparams, values)
+        epsilon = hp["epsilon"]
         updates, accumulator = map_arrays(
             lambda g, a: _adagrad_array(g, a, epsilon, epsilon_in_sqrt), updates, state.accumulator
         )
-        return updates, ScaleByAdagradState(accumulator, state.hyperparams)
+        return updates, ScaleByAdagradState(accumulator, hp)
 
     return GradientTransformation(init, update)
 
@@ -304,7 +308,8 @@ def scale_by_adadelta(rho: float = 0.95, epsilon: float = 1e-7, state_dtype: Any
     @expects(ScaleByAdadeltaState)
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
-        rho, epsilon = state.hyperparams["rho"], state.hyperparams["epsilon"]
+        hp = current_hyperparams(state.hyperparams, values)
+        rho, epsilon = hp["rho"], hp["epsilon"]
         # Keras keeps Adadelta's rho as a Python number, so its 1 - rho is formed in
         # double precision before rounding; while rho is the constructor's value, use that.
         one_minus_rho = jnp.where(
@@ -316,7 +321,7 @@ def scale_by_adadelta(rho: float = 0.95, epsilon: float = 1e-7, state_dtype: Any
             state.accumulator,
             state.delta_accumulator,
         )
-        return updates, ScaleByAdadeltaState(accumulator, delta_accumulator, state.hyperparams)
+        return updates, ScaleByAdadeltaState(accumulator, delta_accumulator, hp)
 
     return GradientTransformation(init, update)
 
@@ -379,7 +384,7 @@ def scale_by_adam(
     @expects(ScaleByAdamState)
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
-        hp = state.hyperparams
+        hp = current_hyperparams(state.hyperparams, values)
         beta_1, beta_2, epsilon = hp["beta_1"], hp["beta_2"], hp["epsilon"]
         t = _step_number(state.count, beta_1.dtype)
         bias_correction = jnp.sqrt(1 - beta_2**t) / (1 - beta_1**t)
@@ -436,7 +441,7 @@ def scale_by_adamax(
     @expects(ScaleByAdamaxState)
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
-        hp = state.hyperparams
+        hp = current_hyperparams(state.hyperparams, values)
         beta_1, beta_2, epsilon = hp["beta_1"], hp["beta_2"], hp["epsilon"]
         bias_correction = 1 / (1 - beta_1 ** _step_number(state.count, beta_1.dtype))
         updates, m, u = map_arrays(
@@ -519,7 +524,7 @@ def scale_by_nadam(
     @expects(ScaleByNadamState)
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
-        hp = state.hyperparams
+        hp = current_hyperparams(state.hyperparams, values)
         beta_1, beta_2, epsilon = hp["beta_1"], hp["beta_2"], hp["epsilon"]
         t = _step_number(state.count, beta_1.dtype)
         base = jnp.asarray(0.96, beta_1.dtype)
@@ -553,9 +558,10 @@ def _add_decayed_weights(rate: float) -> GradientTransformation:
         del extra_args
         if params is None:
             raise ValueError("add_decayed_weights needs the params: call update(updates, state, params)")
-        weight_decay = state.hyperparams["weight_decay"]
+        hp = current_hyperparams(state.hyperparams, values)
+        weight_decay = hp["weight_decay"]
         updates, _ = map_arrays(lambda g, p: (g + weight_decay * p, p), updates, params)
-        return updates, state
+        return updates, AddDecayedWeightsState(hp)
 
     return GradientTransformation(init, update)
 

@@ -86,31 +86,49 @@ def is_concrete(value: Any) -> bool:
     return not isinstance(value, jax.core.Tracer)
 
 
-def as_real(name: str, value: Any) -> float:
-    """``value`` as a finite Python float, or a ``ValueError`` naming ``name``."""
+def as_real(name: str, value: Any) -> float | jax.Array:
+    """``value`` as a finite Python float, or a ``ValueError`` naming ``name``.
+
+    A traced scalar (a hyperparameter inside ``jit``, as ``optax.inject_hyperparams``
+    passes them) is checked for its shape and dtype only and returned as it is.
+    """
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.ndarray, jax.Array)):
         raise ValueError(f"{name} must be a real number, got {value!r} of type {type(value).__name__}")
     if np.ndim(value) != 0:
         raise ValueError(f"{name} must be a scalar, got an array of shape {np.shape(value)}")
-    if not np.issubdtype(np.asarray(value).dtype, np.number) or np.iscomplexobj(value):
+    dtype = value.dtype if isinstance(value, (np.ndarray, jax.Array)) else np.asarray(value).dtype
+    if not np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.complexfloating):
         raise ValueError(f"{name} must be a real number, got {value!r}")
+    if not is_concrete(value):
+        return value
     result = float(value)
     if not math.isfinite(result):
         raise ValueError(f"{name} must be finite, got {result}")
     return result
 
 
-def check_hyperparam(name: str, value: Any) -> float:
-    """Checks ``value`` against the range of hyperparameter ``name``; returns it as a float."""
+def check_hyperparam(name: str, value: Any) -> float | jax.Array:
+    """Checks ``value`` against the range of hyperparameter ``name``.
+
+    Returns a Python float, except for a JAX array (concrete or traced), which
+    is returned as it is (see :func:`kopt.state.current_hyperparams`): a traced one is checked
+    for shape and dtype only, its value being unknown until it runs.
+    """
     result = as_real(name, value)
+    if not is_concrete(result):
+        return result
     allowed = range_of(name)
     if allowed is not None and result not in allowed:
         raise ValueError(f"{name} must be {allowed}, got {result}")
-    return result
+    return value if isinstance(value, jax.Array) else result
 
 
-def check_count(name: str, value: Any, *, minimum: int = 1) -> int:
-    """An integer number of steps, ``>= minimum``."""
+def check_count(name: str, value: Any, *, minimum: int = 1) -> int | jax.Array:
+    """An integer number of steps, ``>= minimum``; a JAX integer scalar is returned as it is."""
+    if isinstance(value, jax.Array) and value.ndim == 0 and jnp.issubdtype(value.dtype, jnp.integer):
+        if is_concrete(value) and int(value) < minimum:
+            raise ValueError(f"{name} must be an integer >= {minimum}, got {int(value)}")
+        return value
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Integral, np.integer)):
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     if value < minimum:
@@ -137,11 +155,17 @@ def check_bool(name: str, value: Any) -> bool:
     return bool(value)
 
 
-def check_clip_option(name: str, value: Any) -> float | None:
-    """A Keras ``clipnorm``/``clipvalue`` option: ``None`` or ``0`` mean off, else ``> 0``."""
+def check_clip_option(name: str, value: Any) -> float | jax.Array | None:
+    """A Keras ``clipnorm``/``clipvalue`` option: ``None`` or ``0`` mean off, else ``> 0``.
+
+    A traced value (``optax.inject_hyperparams`` under ``jit``) switches the clip on;
+    it must then be ``> 0`` when it runs, as it cannot be checked here.
+    """
     if value is None:
         return None
     result = as_real(name, value)
+    if not is_concrete(result):  # traced: on, whatever its value turns out to be
+        return result
     if result < 0:
         raise ValueError(f"{name} must be None (off), 0 (off) or > 0, got {result}")
-    return result
+    return value if isinstance(value, jax.Array) else result
