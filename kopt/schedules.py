@@ -15,22 +15,29 @@ boundaries and flags are fixed Python values. Calling a schedule directly,
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from kopt.validation import as_real, check_bool, check_count, check_hyperparam
+from kopt.validation import as_real, check_bool, check_count, check_hyperparam, is_concrete
 
 
 class Schedule(NamedTuple):
-    """``fn(step, **hyperparams) -> lr`` plus the initial ``hyperparams``."""
+    """``fn(step, **hyperparams) -> lr`` plus the initial ``hyperparams``.
+
+    ``config`` records how one of kopt's schedule functions made it (its name
+    and arguments), which is what :func:`to_config` writes; a schedule built
+    by hand from a function has none and cannot be written.
+    """
 
     fn: Callable[..., jax.Array]
     hyperparams: Mapping[str, float]
+    config: Mapping[str, Any] | None = None
 
     def __call__(self, step: jax.typing.ArrayLike) -> jax.Array:
         values = {name: jnp.asarray(value) for name, value in self.hyperparams.items()}
@@ -39,6 +46,11 @@ class Schedule(NamedTuple):
 
 def _checked(**values: float) -> dict[str, float]:
     return {name: check_hyperparam(name, value) for name, value in values.items()}
+
+
+def _made_by(name: str, fn: Callable[..., jax.Array], hyperparams: dict[str, float], **fixed: Any) -> Schedule:
+    """A schedule that remembers it was made by ``name`` from ``hyperparams`` and the ``fixed`` arguments."""
+    return Schedule(fn, hyperparams, {"class_name": name, "config": {**hyperparams, **fixed}})
 
 
 def _boundaries(boundaries: Sequence[int], minimum: int) -> list[int]:
@@ -65,7 +77,7 @@ def constant_schedule(lr: float) -> Schedule:
         del step
         return lr
 
-    return Schedule(constant, _checked(lr=lr))
+    return _made_by("constant_schedule", constant, _checked(lr=lr))
 
 
 def inverse_time_decay(lr: float, decay: float, decay_steps: int = 1, staircase: bool = False) -> Schedule:
@@ -91,7 +103,9 @@ def inverse_time_decay(lr: float, decay: float, decay_steps: int = 1, staircase:
         # Keras forms the reciprocal first and then multiplies; float32 bits depend on it.
         return lr * (1.0 / (1.0 + decay * progress))
 
-    return Schedule(inverse_time, _checked(lr=lr, decay=decay))
+    return _made_by(
+        "inverse_time_decay", inverse_time, _checked(lr=lr, decay=decay), decay_steps=decay_steps, staircase=staircase
+    )
 
 
 def exponential_decay(lr: float, decay_steps: int, decay_rate: float, staircase: bool = False) -> Schedule:
@@ -110,7 +124,8 @@ def exponential_decay(lr: float, decay_steps: int, decay_rate: float, staircase:
         exponent = _float_step(step, lr) / decay_steps
         return lr * decay_rate ** (jnp.floor(exponent) if staircase else exponent)
 
-    return Schedule(exponential, _checked(lr=lr, decay_rate=decay_rate))
+    hyperparams = _checked(lr=lr, decay_rate=decay_rate)
+    return _made_by("exponential_decay", exponential, hyperparams, decay_steps=decay_steps, staircase=staircase)
 
 
 def piecewise_constant(lr: float, boundaries: Sequence[int], scales: Sequence[float]) -> Schedule:
@@ -133,7 +148,7 @@ def piecewise_constant(lr: float, boundaries: Sequence[int], scales: Sequence[fl
             factor = jnp.where(step >= boundary, factor * scale, factor)
         return lr * factor
 
-    return Schedule(piecewise, _checked(lr=lr))
+    return _made_by("piecewise_constant", piecewise, _checked(lr=lr), boundaries=boundaries, scales=scales)
 
 
 def polynomial_decay(lr: float, end_lr: float, decay_steps: int, power: float = 1.0, cycle: bool = False) -> Schedule:
@@ -161,7 +176,8 @@ def polynomial_decay(lr: float, end_lr: float, decay_steps: int, power: float = 
             remaining = 1 - jnp.minimum(i, decay_steps) / decay_steps
         return (lr - end_lr) * remaining**power + end_lr
 
-    return Schedule(polynomial, _checked(lr=lr, end_lr=end_lr, power=power))
+    hyperparams = _checked(lr=lr, end_lr=end_lr, power=power)
+    return _made_by("polynomial_decay", polynomial, hyperparams, decay_steps=decay_steps, cycle=cycle)
 
 
 def cosine_decay(
@@ -213,7 +229,9 @@ def cosine_decay(
             return lr * m_mul**period * ((1 - alpha) * shape + alpha)
         return lr * ((1 - alpha) * m_mul**period * shape + alpha)
 
-    return Schedule(cosine, _checked(lr=lr, alpha=alpha, m_mul=m_mul))
+    hyperparams = _checked(lr=lr, alpha=alpha, m_mul=m_mul)
+    fixed = {"decay_steps": decay_steps, "restarts": restarts, "t_mul": t_mul, "scale_floor": scale_floor}
+    return _made_by("cosine_decay", cosine, hyperparams, **fixed)
 
 
 def linear_warmup(lr: float, warmup_steps: int, init_lr: float = 0.0) -> Schedule:
@@ -231,7 +249,7 @@ def linear_warmup(lr: float, warmup_steps: int, init_lr: float = 0.0) -> Schedul
         fraction = jnp.minimum(_float_step(step, lr), warmup_steps) / warmup_steps
         return init_lr + (lr - init_lr) * fraction
 
-    return Schedule(warmup, _checked(lr=lr, init_lr=init_lr))
+    return _made_by("linear_warmup", warmup, _checked(lr=lr, init_lr=init_lr), warmup_steps=warmup_steps)
 
 
 def join_schedules(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> Schedule:
@@ -268,4 +286,92 @@ def join_schedules(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> 
         return result
 
     merged = {key: s.hyperparams[name] for s, keys in zip(schedules, names, strict=True) for key, name in keys.items()}
-    return Schedule(joined, merged)
+    return Schedule(
+        joined, merged, {"class_name": "join_schedules", "config": {"schedules": schedules, "boundaries": boundaries}}
+    )
+
+
+#: kopt's schedule functions, by the name their configs give.
+SCHEDULES: dict[str, Callable[..., Schedule]] = {
+    f.__name__: f
+    for f in (
+        constant_schedule,
+        inverse_time_decay,
+        exponential_decay,
+        piecewise_constant,
+        polynomial_decay,
+        cosine_decay,
+        linear_warmup,
+        join_schedules,
+    )
+}
+
+
+def _number(name: str, value: Any) -> float:
+    if not is_concrete(value):
+        raise ValueError(f"{name} is traced (inside jit): a config needs its value, write it outside jit")
+    return float(value)
+
+
+def to_config(schedule: Schedule, values: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``{"class_name": ..., "config": {...}}``: ``schedule`` as plain JSON data, read back by :func:`from_config`.
+
+    ``values`` (e.g. ``kopt.get_hyperparams(state)``) replace the initial
+    values of the schedule's hyperparameters, so a schedule rescaled with
+    ``set_hyperparams`` is written as it now is. A joined schedule holds the
+    configs of its parts. A schedule built by hand from a function has no
+    config: a ``ValueError`` (configs never hold code).
+
+    Example:
+        >>> import kopt
+        >>> kopt.serialize(kopt.linear_warmup(0.1, warmup_steps=100))  # calls to_config
+        {'class_name': 'linear_warmup', 'config': {'lr': 0.1, 'init_lr': 0.0, 'warmup_steps': 100}}
+    """
+    if not isinstance(schedule, Schedule) or schedule.config is None:
+        raise ValueError(
+            f"{schedule!r} is not made by one of kopt's schedule functions ({', '.join(SCHEDULES)}), so it cannot "
+            "be written as a config (configs hold numbers, never code)"
+        )
+    values = {name: (values or {}).get(name, initial) for name, initial in schedule.hyperparams.items()}
+    class_name, arguments = schedule.config["class_name"], dict(schedule.config["config"])
+    if class_name == "join_schedules":
+        parts = arguments["schedules"]
+        arguments["schedules"] = [
+            to_config(part, {name: values[f"{name}_{k}"] for name in part.hyperparams}) for k, part in enumerate(parts)
+        ]
+        arguments["boundaries"] = list(arguments["boundaries"])
+    else:
+        arguments.update({name: _number(name, value) for name, value in values.items()})
+        if "scales" in arguments:
+            arguments.update(scales=[_number("scales", s) for s in arguments["scales"]])
+            arguments.update(boundaries=list(arguments["boundaries"]))
+    return {"class_name": class_name, "config": arguments}
+
+
+def from_config(config: Mapping[str, Any]) -> Schedule:
+    """The schedule a :func:`to_config` dict describes; an unknown name or argument is a ``ValueError``.
+
+    Example:
+        >>> import kopt
+        >>> config = {"class_name": "cosine_decay", "config": {"lr": 1.0, "decay_steps": 4}}
+        >>> float(kopt.deserialize(config)(2))  # calls from_config
+        0.5
+    """
+    class_name = config.get("class_name") if isinstance(config, Mapping) else None
+    arguments = config.get("config") if isinstance(config, Mapping) else None
+    if class_name not in SCHEDULES or not isinstance(arguments, Mapping) or set(config) != {"class_name", "config"}:
+        raise ValueError(
+            f"{config!r} is not a kopt schedule config: expected {{'class_name': one of {', '.join(SCHEDULES)}, "
+            "'config': {...}}"
+        )
+    constructor = SCHEDULES[class_name]
+    allowed = list(inspect.signature(constructor).parameters)
+    unknown = [key for key in arguments if key not in allowed]
+    if unknown:
+        raise ValueError(f"unknown argument(s) {', '.join(map(repr, unknown))} for {class_name}; allowed: {allowed}")
+    if class_name == "join_schedules":
+        arguments = {**arguments, "schedules": [from_config(part) for part in arguments.get("schedules", ())]}
+    try:
+        return constructor(**arguments)
+    except TypeError as error:  # a missing argument
+        raise ValueError(f"{class_name}: {error}") from None

@@ -19,7 +19,7 @@ import inspect
 from collections.abc import Mapping
 from typing import Any
 
-from kopt import tf_keras
+from kopt import schedules, tf_keras
 from kopt.base import GradientTransformation, OptState
 from kopt.optimizers import SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, Nadam, Optimizer, RMSprop
 from kopt.state import get_hyperparams
@@ -28,8 +28,10 @@ from kopt.state import get_hyperparams
 OPTIMIZERS = {c.__name__.lower(): c for c in (SGD, RMSprop, Adagrad, Adadelta, Adam, Adamax, Nadam, AdamW)}
 
 
-def serialize(opt: Optimizer, state: OptState | None = None, *, flavor: str | None = None) -> dict[str, Any]:
-    """The config of an optimizer built by kopt, in the format of ``flavor``.
+def serialize(
+    opt: Optimizer | schedules.Schedule, state: OptState | None = None, *, flavor: str | None = None
+) -> dict[str, Any]:
+    """The config of an optimizer built by kopt (or of a kopt schedule), in the format of ``flavor``.
 
     ``flavor`` (default: the optimizer's own, ``opt.flavor``) is ``"keras"``
     (Keras 2.2.4: ``{"class_name": ..., "config": {...}}``), ``"tf_keras.legacy"``
@@ -46,7 +48,20 @@ def serialize(opt: Optimizer, state: OptState | None = None, *, flavor: str | No
     read from it, as Keras' ``get_config`` reads its variables: changes made
     by ``set_hyperparams`` show, in the state's float dtype (``lr=0.01`` held
     in float32 reads back as ``0.009999999776482582``).
+
+    A kopt schedule as the learning rate is written as its own config
+    (``{"class_name": "cosine_decay", "config": {...}}``, see
+    :func:`kopt.schedules.to_config`), with ``state`` at the values the state
+    holds; a schedule alone is written the same way. A plain Python function
+    as the learning rate is a ``ValueError``: configs hold numbers, never code.
+
+    Example:
+        >>> import kopt
+        >>> kopt.serialize(kopt.SGD(lr=kopt.linear_warmup(0.1, warmup_steps=100)))["config"]["lr"]
+        {'class_name': 'linear_warmup', 'config': {'lr': 0.1, 'init_lr': 0.0, 'warmup_steps': 100}}
     """
+    if isinstance(opt, schedules.Schedule):
+        return schedules.to_config(opt, None if state is None else get_hyperparams(state))
     if not isinstance(opt, Optimizer):
         raise ValueError(
             f"serialize takes an optimizer built by kopt ({', '.join(c.__name__ for c in OPTIMIZERS.values())} "
@@ -56,12 +71,16 @@ def serialize(opt: Optimizer, state: OptState | None = None, *, flavor: str | No
     if flavor not in tf_keras.FLAVORS:
         raise ValueError(f"flavor must be one of {', '.join(map(repr, tf_keras.FLAVORS))}, got {flavor!r}")
     config = dict(opt.config)
+    held = None if state is None else get_hyperparams(state)
     for key, value in config.items():
-        if callable(value):
-            raise ValueError(f"cannot serialize {opt.class_name}: {key} is a schedule, not a number")
-    if state is not None:
-        held = get_hyperparams(state)
-        for key, value in config.items():
+        if isinstance(value, schedules.Schedule) and value.config is not None:
+            config[key] = schedules.to_config(value, held)
+        elif callable(value):
+            raise ValueError(
+                f"cannot serialize {opt.class_name}: {key} is a plain function, not one of kopt's schedules "
+                f"({', '.join(schedules.SCHEDULES)}); configs hold numbers, never code"
+            )
+        elif held is not None:
             name = _state_name(opt, key)
             if name in held and not isinstance(value, (Mapping, bool)) and value is not None:
                 config[key] = float(held[name])
@@ -166,7 +185,9 @@ def deserialize(config: Mapping[str, Any], *, flavor: str | None = None) -> Opti
     build ``kopt.tf_keras.Adam(..., is_legacy_optimizer=...)`` with TensorFlow's
     defaults. ``class_name`` is matched case-insensitively. An unknown class
     name or config key is a ``ValueError`` listing what is allowed. The
-    caller's dict is not modified.
+    caller's dict is not modified. A kopt schedule's config (as the
+    learning rate inside an optimizer config, or alone) gives the schedule
+    (:func:`kopt.schedules.from_config`).
 
     Example:
         >>> import kopt
@@ -198,6 +219,8 @@ def deserialize(config: Mapping[str, Any], *, flavor: str | None = None) -> Opti
             return known[class_name.lower()](**{**arguments, "is_legacy_optimizer": flavor == tf_keras.LEGACY})
         except TypeError as error:  # an unknown key: a bad config is a ValueError, as for kopt's own
             raise ValueError(str(error)) from None
+    if class_name in schedules.SCHEDULES:
+        return schedules.from_config(config)
     if not isinstance(class_name, str) or class_name.lower() not in OPTIMIZERS:
         raise ValueError(f"Unknown optimizer: {class_name!r}; known: {', '.join(sorted(OPTIMIZERS))}")
     constructor = OPTIMIZERS[class_name.lower()]
@@ -207,7 +230,8 @@ def deserialize(config: Mapping[str, Any], *, flavor: str | None = None) -> Opti
             f"Unknown argument(s) {', '.join(map(repr, unknown))} for {constructor.__name__}; "
             f"allowed: {', '.join(_allowed(constructor))}"
         )
-    return constructor(**arguments)
+    rates = {key: schedules.from_config(value) for key, value in arguments.items() if isinstance(value, Mapping)}
+    return constructor(**{**arguments, **rates})
 
 
 def get(identifier: str | Mapping[str, Any] | GradientTransformation) -> GradientTransformation:

@@ -181,8 +181,8 @@ def schedule_from_config(config: Mapping[str, Any]) -> schedules.Schedule:
     (``{"class_name": ..., "config": {...}}``, with or without ``module``):
     ``ExponentialDecay``, ``PiecewiseConstantDecay``, ``InverseTimeDecay``,
     ``PolynomialDecay`` (``cycle`` too), ``CosineDecay`` (with warm-up) and
-    ``CosineDecayRestarts``. Any other class (a custom schedule is code) is a
-    ``ValueError`` naming it.
+    ``CosineDecayRestarts``; also a kopt schedule's own config. Any other class
+    (a custom schedule is code) is a ``ValueError`` naming it.
 
     Example:
         >>> import kopt
@@ -193,6 +193,8 @@ def schedule_from_config(config: Mapping[str, Any]) -> schedules.Schedule:
     """
     class_name = config.get("class_name") if isinstance(config, Mapping) else None
     arguments = config.get("config") if isinstance(config, Mapping) else None
+    if class_name in schedules.SCHEDULES:  # a kopt schedule, as kopt.serialize writes it
+        return schedules.from_config(config)
     if class_name not in _SCHEDULES or not isinstance(arguments, Mapping):
         raise ValueError(
             f"learning_rate {config!r} is not a TensorFlow schedule config kopt knows; known: {', '.join(_SCHEDULES)}"

@@ -131,5 +131,99 @@ def test_uninterpretable_identifiers(identifier):
 def test_serialize_rejects_what_it_cannot_describe():
     with pytest.raises(ValueError, match="built by kopt"):
         kopt.serialize(optax.adam(1e-3))
-    with pytest.raises(ValueError, match="lr is a schedule"):
-        kopt.serialize(kopt.SGD(lr=kopt.inverse_time_decay(0.1, 0.01)))
+    with pytest.raises(ValueError, match="lr is a plain function, not one of kopt's schedules"):
+        kopt.serialize(kopt.SGD(lr=lambda step: 0.1 / (1 + step)))
+    with pytest.raises(ValueError, match="not made by one of kopt's schedule functions"):
+        kopt.serialize(kopt.Schedule(lambda step, lr: lr, {"lr": 0.1}))
+
+
+# Every kopt schedule, with arguments away from their defaults, and a joined one (nested too).
+SCHEDULES = {
+    "constant": kopt.constant_schedule(0.3),
+    "inverse_time": kopt.inverse_time_decay(0.1, 0.5, decay_steps=3, staircase=True),
+    "exponential": kopt.exponential_decay(0.2, decay_steps=4, decay_rate=0.7, staircase=True),
+    "piecewise": kopt.piecewise_constant(0.1, boundaries=[2, 5], scales=[0.5, 0.2]),
+    "polynomial": kopt.polynomial_decay(0.5, end_lr=0.01, decay_steps=4, power=2.0, cycle=True),
+    "cosine": kopt.cosine_decay(0.4, decay_steps=3, alpha=0.1, restarts=True, t_mul=2.0, m_mul=0.5, scale_floor=False),
+    "warmup": kopt.linear_warmup(0.3, warmup_steps=3, init_lr=0.01),
+    "joined": kopt.join_schedules(
+        [
+            kopt.linear_warmup(0.2, 2),
+            kopt.join_schedules([kopt.cosine_decay(0.2, 3), kopt.constant_schedule(0.05)], boundaries=[3]),
+        ],
+        boundaries=[2],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULES))
+def test_schedules_round_trip_through_json_alone_and_as_lr(name):
+    schedule = SCHEDULES[name]
+    config = json.loads(json.dumps(kopt.serialize(schedule)))
+    rebuilt = kopt.deserialize(config)
+    assert isinstance(rebuilt, kopt.Schedule)
+    assert kopt.serialize(rebuilt) == config
+    steps = jnp.arange(12)
+    chex.assert_trees_all_equal(jax.vmap(rebuilt)(steps), jax.vmap(schedule)(steps))
+    opt = kopt.Adam(lr=schedule, clipnorm=1.0)
+    opt_config = json.loads(json.dumps(kopt.serialize(opt)))
+    assert opt_config["config"]["lr"] == config
+    chex.assert_trees_all_equal(trajectory(kopt.deserialize(opt_config)), trajectory(opt))
+
+
+def test_a_schedule_config_is_plain_data_as_documented():
+    config = kopt.serialize(
+        kopt.SGD(lr=kopt.join_schedules([kopt.linear_warmup(0.1, 5), kopt.constant_schedule(0.1)], [5]))
+    )
+    assert config["config"]["lr"] == {
+        "class_name": "join_schedules",
+        "config": {
+            "schedules": [
+                {"class_name": "linear_warmup", "config": {"lr": 0.1, "init_lr": 0.0, "warmup_steps": 5}},
+                {"class_name": "constant_schedule", "config": {"lr": 0.1}},
+            ],
+            "boundaries": [5],
+        },
+    }
+
+
+def test_serialize_with_state_writes_a_schedule_as_rescaled():
+    opt = kopt.SGD(lr=SCHEDULES["joined"])
+    state = kopt.set_hyperparams(
+        opt.init({"w": jnp.zeros(2)}), lr_0=0.5, lr_0_1=0.25
+    )  # the nested join names its parts lr_0_1, lr_1_1
+    lr = kopt.serialize(opt, state)["config"]["lr"]["config"]
+    assert lr["schedules"][0]["config"]["lr"] == 0.5
+    assert lr["schedules"][1]["config"]["schedules"][0]["config"]["lr"] == 0.25
+    assert lr["schedules"][1]["config"]["schedules"][1]["config"]["lr"] == pytest.approx(0.05)
+
+
+def test_a_schedule_in_a_checkpoint_header_rebuilds_the_optimizer(tmp_path):
+    opt = kopt.Adam(lr=SCHEDULES["cosine"])
+    params = {"w": jnp.ones(3)}
+    state = opt.init(params)
+    kopt.save_state(tmp_path / "state.ckpt", state, config=opt)
+    header = kopt.read_checkpoint_header(tmp_path / "state.ckpt")
+    rebuilt = kopt.deserialize(header["config"])
+    assert kopt.serialize(rebuilt) == kopt.serialize(opt)
+    kopt.load_state(tmp_path / "state.ckpt", rebuilt.init(params), config=rebuilt)
+
+
+def test_tensorflow_flavored_optimizers_carry_a_kopt_schedule_too():
+    opt = kopt.tf_keras.Adam(learning_rate=SCHEDULES["warmup"])
+    config = json.loads(json.dumps(kopt.serialize(opt)))
+    chex.assert_trees_all_equal(trajectory(kopt.deserialize(config)), trajectory(opt))
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"class_name": "cosine_decay", "config": {"lr": 0.1, "decay_steps": 5, "warmup": 3}}, "unknown argument"),
+        ({"class_name": "cosine_decay", "config": {"lr": 0.1}}, "decay_steps"),
+        ({"class_name": "cosine_decay", "config": {"lr": -0.1, "decay_steps": 5}}, "lr must be >= 0"),
+        ({"class_name": "Adam", "config": {"lr": {"class_name": "os.system", "config": {}}}}, "not a kopt schedule"),
+    ],
+)
+def test_bad_schedule_configs_are_clear_errors(config, message):
+    with pytest.raises(ValueError, match=message):
+        kopt.deserialize(config)
