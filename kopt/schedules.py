@@ -354,7 +354,7 @@ def from_config(config: Mapping[str, Any]) -> Schedule:
     Example:
         >>> import kopt
         >>> config = {"class_name": "cosine_decay", "config": {"lr": 1.0, "decay_steps": 4}}
-        >>> float(kopt.deserialize(config)(2))  # calls from_config
+        >>> round(float(kopt.deserialize(config)(2)), 3)  # calls from_config
         0.5
     """
     class_name = config.get("class_name") if isinstance(config, Mapping) else None

@@ -1,8 +1,14 @@
-"""The README's commands and the demo."""
+"""The README's commands, the demo and the docstring examples."""
 
+import doctest
+import importlib
+import pkgutil
 import re
 from pathlib import Path
 
+import pytest
+
+import kopt
 import kopt.demo
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,3 +35,26 @@ def test_demo_trains_every_optimizer(capsys):
     initial = float(re.search(r"initial loss ([0-9.]+)", out).group(1))
     assert len(losses) == len(kopt.demo.OPTIMIZERS)
     assert all(loss < initial for loss in losses)
+
+
+MODULES = sorted(module.name for module in pkgutil.iter_modules(kopt.__path__))
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples_run(name):
+    """Every ``>>>`` example in kopt's docstrings runs and prints what it shows (``# doctest: +SKIP`` aside)."""
+    module = importlib.import_module(f"kopt.{name}")
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    report: list[str] = []
+    for test in doctest.DocTestFinder().find(module, globs={}):
+        runner.run(test, out=report.append)
+    assert runner.failures == 0, "".join(report)
+
+
+def test_the_docstrings_hold_examples():
+    examples = sum(
+        len(test.examples)
+        for name in MODULES
+        for test in doctest.DocTestFinder().find(importlib.import_module(f"kopt.{name}"))
+    )
+    assert examples >= 100
