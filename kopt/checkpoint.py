@@ -4,12 +4,12 @@
 ``{"params": params, "opt_state": state}``) to one file; :func:`load_state`
 reads it back into the structure, dtypes and shardings of a ``like`` tree:
 
-    >>> import jax.numpy as jnp, kopt
-    >>> from kopt.checkpoint import load_state, save_state
+    >>> import os, tempfile, jax.numpy as jnp, kopt
+    >>> path = os.path.join(tempfile.mkdtemp(), "adam.ckpt")
     >>> opt = kopt.Adam(lr=1e-3)
     >>> state = opt.init({"w": jnp.zeros(3)})
-    >>> save_state("/tmp/adam.ckpt", state, config=kopt.serialize(opt))   # doctest: +SKIP
-    >>> state = load_state("/tmp/adam.ckpt", like=opt.init({"w": jnp.zeros(3)}))  # doctest: +SKIP
+    >>> kopt.save_state(path, state, config=kopt.serialize(opt))
+    >>> state = kopt.load_state(path, like=opt.init({"w": jnp.zeros(3)}))
 
 **Format** (``format_version`` 1). The file is a NumPy ``.npz`` (an
 uncompressed zip written by ``np.savez``) with the members
@@ -215,8 +215,9 @@ def save_state(path: str | os.PathLike[str], state: Any, *, config: Any = None) 
     module docstring. Raises ``ValueError`` for a leaf that is not numeric.
 
     Example:
-        >>> opt = kopt.Adam()                                          # doctest: +SKIP
-        >>> save_state("run/opt.ckpt", opt.init(params), config=opt)   # doctest: +SKIP
+        >>> import os, tempfile, jax.numpy as jnp, kopt
+        >>> opt, path = kopt.Adam(), os.path.join(tempfile.mkdtemp(), "opt.ckpt")
+        >>> kopt.save_state(path, opt.init({"w": jnp.zeros(3)}), config=opt)
     """
     path = os.fspath(path)
     flat, _ = jax.tree_util.tree_flatten_with_path(state)
@@ -414,7 +415,12 @@ def load_state(path: str | os.PathLike[str], like: Any, *, config: Any = None) -
     ``FileNotFoundError``.
 
     Example:
-        >>> state = load_state("run/opt.ckpt", like=opt.init(params), config=opt)  # doctest: +SKIP
+        >>> import os, tempfile, jax.numpy as jnp, kopt
+        >>> opt, params, path = kopt.Adam(), {"w": jnp.ones(3)}, os.path.join(tempfile.mkdtemp(), "opt.ckpt")
+        >>> kopt.save_state(path, opt.init(params), config=opt)
+        >>> state = kopt.load_state(path, like=opt.init(params), config=opt)
+        >>> int(kopt.iterations(state))
+        0
     """
     path = os.fspath(path)
     like_flat, treedef = jax.tree_util.tree_flatten_with_path(like)

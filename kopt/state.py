@@ -133,7 +133,11 @@ def set_hyperparams(state: OptState, **values: Any) -> OptState:
     effect on the next ``update``.
 
     Example:
-        >>> state = kopt.set_hyperparams(state, lr=1e-4, decay=1e-6)  # doctest: +SKIP
+        >>> import jax.numpy as jnp, kopt
+        >>> state = kopt.SGD(lr=0.1).init({"w": jnp.zeros(3)})
+        >>> state = kopt.set_hyperparams(state, lr=1e-4, decay=1e-6)
+        >>> round(float(kopt.get_hyperparams(state)["decay"]), 9)
+        1e-06
     """
     known = get_hyperparams(state)
     for name, value in values.items():
@@ -190,7 +194,11 @@ def set_slot(state: OptState, name: str, value: Any) -> OptState:
     for an unknown or ambiguous name, or a different structure or shape.
 
     Example:
-        >>> state = kopt.set_slot(state, "count", 1000)   # doctest: +SKIP
+        >>> import jax.numpy as jnp, kopt
+        >>> state = kopt.Adam().init({"w": jnp.zeros(3)})
+        >>> state = kopt.set_slot(state, "count", 1000)  # e.g. to resume Adam's bias correction
+        >>> int(kopt.iterations(state))
+        1000
     """
     places = [path for path, field, _ in _fields_of(state, "slot") if field == name]
     if not places:
