@@ -240,7 +240,10 @@ def iterations(state: OptState) -> jax.Array:
     """The number of steps taken (Keras' ``iterations``).
 
     Every counting transformation of a chain advances its ``count`` once per
-    ``update``, so they agree; this returns the first one.
+    ``update``, so they agree; this returns the first one. (Adam, Adamax and
+    Nadam hold two: the moments' bias correction and the learning rate's
+    schedule each count, which is why ``optax.tree_utils.tree_get(state,
+    "count")`` finds several there.)
     """
     for _, name, value in _fields_of(state, "slot"):
         if name == "count":

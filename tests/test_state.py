@@ -4,6 +4,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import kopt
@@ -140,3 +141,23 @@ def test_nadam_m_schedule_is_a_running_product():
         _, state = opt.update(jnp.ones(1), state)
     mu = [0.9 * (1 - 0.5 * 0.96 ** (t * 0.004)) for t in (1, 2, 3)]
     assert float(kopt.get_slot(state, "m_schedule")) == pytest.approx(mu[0] * mu[1] * mu[2], rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["SGD", "RMSprop", "Adagrad", "Adadelta", "Adam", "AdamW", "Adamax", "Nadam"])
+def test_optax_tree_get_finds_the_step_count_as_the_readme_says(name):
+    opt = getattr(kopt, name)(clipnorm=1.0)
+    params = {"w": jnp.ones(3)}
+    state = opt.init(params)
+    for _ in range(3):
+        _, state = opt.update({"w": jnp.full(3, 0.5)}, state, params)
+    assert float(optax.tree_utils.tree_get(state, "lr")) == pytest.approx(opt.config["lr"])
+    assert int(kopt.iterations(state)) == 3
+    if name in ("SGD", "RMSprop", "Adagrad", "Adadelta"):
+        assert int(optax.tree_utils.tree_get(state, "count")) == 3
+    else:  # two counters (bias correction, schedule): optax refuses to choose, as for its own adam with a schedule
+        with pytest.raises(KeyError, match="Found multiple values for 'count'"):
+            optax.tree_utils.tree_get(state, "count")
+    lr_count = optax.tree_utils.tree_get(
+        state, "count", filtering=lambda path, _: path[-1].tuple_name == "ScaleByLearningRateState"
+    )
+    assert int(lr_count) == 3
