@@ -59,6 +59,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from kopt import packing
+
 FORMAT = "kopt-checkpoint"
 FORMAT_VERSION = 1
 _HEADER = "header"
@@ -147,6 +149,8 @@ def _normalized_config(config: Any) -> dict[str, Any] | None:
 def _first_config_difference(stored: Any, given: Any, where: str = "config") -> str | None:
     if isinstance(stored, dict) and isinstance(given, dict):
         for key in list(given) + [k for k in stored if k not in given]:
+            if where == "config['config']" and key == "packed":  # a layout, not an option: files are leaf by leaf
+                continue
             if key not in stored:
                 return f"{where}[{key!r}] is {given[key]!r} in the given config but absent from the file"
             if key not in given:
@@ -213,6 +217,8 @@ def save_state(path: str | os.PathLike[str], state: Any, *, config: Any = None) 
     it. Leaves may be JAX arrays (fetched from their devices), NumPy arrays or
     Python numbers; ``None`` leaves are allowed. The file format is in the
     module docstring. Raises ``ValueError`` for a leaf that is not numeric.
+    A packed state (``packed=True``) is written leaf by leaf, as the same
+    optimizer without packing holds it, so a file loads into either.
 
     Example:
         >>> import os, tempfile, jax.numpy as jnp, kopt
@@ -220,6 +226,8 @@ def save_state(path: str | os.PathLike[str], state: Any, *, config: Any = None) 
         >>> kopt.save_state(path, opt.init({"w": jnp.zeros(3)}), config=opt)
     """
     path = os.fspath(path)
+    if packing.holds_packed(state):  # written leaf by leaf: the file does not depend on packing
+        state = packing.leaf_by_leaf(state)
     flat, _ = jax.tree_util.tree_flatten_with_path(state)
     paths = [jax.tree_util.keystr(key_path) for key_path, _ in flat]
     for leaf_path, (_, leaf) in zip(paths, flat, strict=True):
@@ -359,7 +367,7 @@ def _place(value: np.ndarray, like_leaf: Any) -> Any:
     if isinstance(like_leaf, jax.ShapeDtypeStruct):
         sharding = getattr(like_leaf, "sharding", None)
         return jnp.asarray(value) if sharding is None else jax.device_put(value, sharding)
-    return value
+    return np.asarray(value)
 
 
 def _open_npz(file: IO[bytes], path: str) -> Any:
@@ -400,6 +408,9 @@ def load_state(path: str | os.PathLike[str], like: Any, *, config: Any = None) -
     when ``like``'s leaf is a ``jax.Array`` (so a sharded state loads onto the
     same shardings) or a ``ShapeDtypeStruct`` (its sharding, if any), and a
     NumPy array otherwise. ``None`` leaves come from ``like``. Bits are exact.
+    A packed ``like`` reads the file leaf by leaf and packs it as ``like`` is
+    packed, so a checkpoint of the per-leaf optimizer loads into the packed
+    one and back.
 
     With ``config`` (a :func:`kopt.serialize` dict or an optimizer), the
     optimizer config stored in the file must equal it (this catches options
@@ -423,6 +434,9 @@ def load_state(path: str | os.PathLike[str], like: Any, *, config: Any = None) -
         0
     """
     path = os.fspath(path)
+    packed_like = like if packing.holds_packed(like) else None
+    if packed_like is not None:  # files hold states leaf by leaf (see save_state)
+        like = jax.eval_shape(packing.leaf_by_leaf, like)
     like_flat, treedef = jax.tree_util.tree_flatten_with_path(like)
     given_config = _normalized_config(config)
     with open(path, "rb") as file, _open_npz(file, path) as npz:
@@ -447,5 +461,12 @@ def load_state(path: str | os.PathLike[str], like: Any, *, config: Any = None) -
             raise
         except Exception as error:  # zip CRC errors, short reads, damaged .npy headers ...
             raise _corrupted(path, f"{type(error).__name__}: {error}") from error
+    if packed_like is not None:
+        state = packing.packed_like(packed_like, treedef.unflatten(values))
+        placed = [
+            _place(value, leaf)
+            for value, leaf in zip(jax.tree.leaves(state), jax.tree.leaves(packed_like), strict=True)
+        ]
+        return jax.tree.structure(packed_like).unflatten(placed)
     placed = [_place(value, leaf) for value, (_, leaf) in zip(values, like_flat, strict=True)]
     return treedef.unflatten(placed)

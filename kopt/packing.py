@@ -275,6 +275,53 @@ class PackedState(NamedTuple):
     rows: tuple[jax.Array, ...] = ()
 
 
+def _rows(layout: Layout) -> tuple[jax.Array, ...]:
+    return tuple(jnp.asarray(row, jnp.int32) for row in range(layout.row_count))
+
+
+def _is_packed_state(node: Any) -> bool:
+    return isinstance(node, PackedState)
+
+
+def holds_packed(state: Any) -> bool:
+    """Whether ``state`` holds a :class:`PackedState` anywhere."""
+    return any(map(_is_packed_state, jax.tree.leaves(state, is_leaf=_is_packed_state)))
+
+
+def leaf_by_leaf(state: OptState) -> OptState:
+    """``state`` as the same optimizer without :func:`packed` holds it: each :class:`PackedState`
+    becomes its inner state with every :class:`PackedArrays` cut back into the params' leaves.
+
+    Checkpoints are written this way, so their leaf paths do not depend on packing (see
+    :func:`kopt.save_state`); :func:`packed_like` is the way back.
+    """
+
+    def per_leaf(node: Any) -> Any:
+        if not _is_packed_state(node):
+            return node
+        return jax.tree.map(lambda x: x.unpack() if is_packed(x) else x, node.inner_state, is_leaf=is_packed)
+
+    return jax.tree.map(per_leaf, state, is_leaf=_is_packed_state)
+
+
+def packed_like(like: OptState, per_leaf: OptState) -> OptState:
+    """``per_leaf`` (structured as ``leaf_by_leaf(like)``) packed as ``like`` is: its layouts and rows."""
+    outer, outer_treedef = jax.tree.flatten(like, is_leaf=_is_packed_state)
+    parts = outer_treedef.flatten_up_to(per_leaf)
+
+    def pack(node: Any, part: Any) -> Any:
+        if not _is_packed_state(node):
+            return part
+        inner, inner_treedef = jax.tree.flatten(node.inner_state, is_leaf=is_packed)
+        slots = inner_treedef.flatten_up_to(part)
+        packed_slots = [
+            x.layout.pack(slot, "params") if is_packed(x) else slot for x, slot in zip(inner, slots, strict=True)
+        ]
+        return PackedState(node.layout, inner_treedef.unflatten(packed_slots), _rows(node.layout))
+
+    return outer_treedef.unflatten([pack(node, part) for node, part in zip(outer, parts, strict=True)])
+
+
 def is_packed(tree: Any) -> bool:
     """Whether ``tree`` (updates or params) is a :class:`PackedArrays`."""
     return isinstance(tree, PackedArrays)
@@ -313,8 +360,7 @@ def packed(inner: GradientTransformation) -> GradientTransformation:
 
     def init(params: Params) -> PackedState:
         layout = Layout.of(params)
-        rows = tuple(jnp.asarray(row, jnp.int32) for row in range(layout.row_count))
-        return PackedState(layout, inner.init(layout.pack(params, "params")), rows)
+        return PackedState(layout, inner.init(layout.pack(params, "params")), _rows(layout))
 
     @compiled_when_eager
     @expects(PackedState)

@@ -375,3 +375,27 @@ def test_grad_through_an_update_matches_per_leaf():
     chex.assert_trees_all_close(
         unrolled(kopt.Adam(lr=0.1, packed=True)), unrolled(kopt.Adam(lr=0.1)), rtol=1e-5, atol=1e-7
     )
+
+
+@pytest.mark.parametrize("saved_packed, loaded_packed", [(False, True), (True, False), (True, True)])
+def test_checkpoints_are_leaf_by_leaf_and_load_into_either_layout(tmp_path, saved_packed, loaded_packed):
+    """A per-leaf checkpoint loads into a packed state and back, by leaf path; training resumes the same."""
+    params = {**make_params(jnp.float32), "big": jnp.linspace(-1.0, 1.0, kopt.packing.ALONE)}
+    grads = make_grads(params)
+    saved, loaded = (kopt.Adam(lr=0.01, clipnorm=1.0, packed=p) for p in (saved_packed, loaded_packed))
+    trained, state = trajectory(saved, params, grads[:2])
+    kopt.save_state(tmp_path / "state.ckpt", state, config=saved)
+    per_leaf_paths = [
+        jax.tree_util.keystr(path)
+        for path, _ in jax.tree_util.tree_flatten_with_path(kopt.Adam(lr=0.01, clipnorm=1.0).init(params))[0]
+    ]
+    assert [leaf["path"] for leaf in kopt.read_checkpoint_header(tmp_path / "state.ckpt")["leaves"]] == per_leaf_paths
+    for like in (loaded.init(params), jax.eval_shape(loaded.init, params)):
+        resumed = kopt.load_state(tmp_path / "state.ckpt", like, config=loaded)
+        chex.assert_trees_all_equal_structs(resumed, loaded.init(params))
+        for slot in ("m", "v"):
+            chex.assert_trees_all_equal(kopt.get_slot(resumed, slot), kopt.get_slot(state, slot))
+        assert int(kopt.iterations(resumed)) == 2
+        # the next step from the loaded state is the uninterrupted run's
+        expected, _ = saved.update(grads[2], state, trained)
+        chex.assert_trees_all_close(loaded.update(grads[2], resumed, trained)[0], expected, rtol=1e-6, atol=1e-9)
