@@ -53,6 +53,16 @@ from kopt.wrappers import AccumulateState, SkipNonfiniteState, accumulate, skip_
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # kopt.to_keras3 imports Keras (an optional extra) only when it is used.
+    if name == "to_keras3":
+        from kopt.keras3 import to_keras3
+
+        return to_keras3
+    raise AttributeError(f"module 'kopt' has no attribute {name!r}")
+
+
 __all__ = [
     # protocol
     "GradientTransformation",
@@ -127,6 +137,8 @@ __all__ = [
     "from_keras_weights",
     "to_keras_weights",
     "load_keras_optimizer",
+    # Keras 3 (imports keras when used)
+    "to_keras3",
     # state types
     "ClipState",
     "ScaleByLearningRateState",

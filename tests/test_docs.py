@@ -43,6 +43,8 @@ MODULES = sorted(module.name for module in pkgutil.iter_modules(kopt.__path__))
 @pytest.mark.parametrize("name", MODULES)
 def test_docstring_examples_run(name):
     """Every ``>>>`` example in kopt's docstrings runs and prints what it shows (``# doctest: +SKIP`` aside)."""
+    if name == "keras3":
+        pytest.importorskip("keras", reason="the keras3 extra is not installed")
     module = importlib.import_module(f"kopt.{name}")
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     report: list[str] = []
@@ -55,6 +57,7 @@ def test_the_docstrings_hold_examples():
     examples = sum(
         len(test.examples)
         for name in MODULES
+        if name != "keras3"
         for test in doctest.DocTestFinder().find(importlib.import_module(f"kopt.{name}"))
     )
     assert examples >= 100
