@@ -10,6 +10,7 @@ squares in another order, so it agrees to a few ulps of the clip factor.
 from __future__ import annotations
 
 import collections
+import math
 import re
 
 import chex
@@ -20,6 +21,7 @@ import pytest
 from absl.testing import parameterized
 
 import kopt
+from benchmarks import zoo
 from tests.matching import CASES, SLOTS, X64
 
 STEPS = 5
@@ -399,3 +401,33 @@ def test_checkpoints_are_leaf_by_leaf_and_load_into_either_layout(tmp_path, save
         # the next step from the loaded state is the uninterrupted run's
         expected, _ = saved.update(grads[2], state, trained)
         chex.assert_trees_all_close(loaded.update(grads[2], resumed, trained)[0], expected, rtol=1e-6, atol=1e-9)
+
+
+# The benchmark's trees of real models (benchmarks/zoo.py), narrowed: a mix of leaves packed and left alone.
+TREE_ZOO = {
+    "resnet50": lambda: zoo.resnet50(0.125),
+    "vit_b": lambda: zoo.vit_b(0.125),
+    "unet": lambda: zoo.unet(0.125),
+    "moe": lambda: zoo.moe(0.125, layers=2),
+    "random_order": lambda: zoo.random_order(300),
+    "distinct_shapes": lambda: zoo.distinct(300),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TREE_ZOO))
+def test_tree_zoo_packed_matches_per_leaf(name):
+    shapes = TREE_ZOO[name]()
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s.shape), s.dtype), shapes)
+    grads = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params) for _ in range(2)]
+    layout = kopt.packing.Layout.of(params)
+    alone = [i for i, shape in enumerate(layout.shapes) if math.prod(shape) >= kopt.packing.ALONE]
+    assert all(len(layout.members[layout.buffers[i]]) == 1 for i in alone)
+    assert len(layout.members) < len(layout.shapes)  # the small leaves are packed
+    packed, per_leaf = kopt.Adam(lr=0.01, clipnorm=1.0, packed=True), kopt.Adam(lr=0.01, clipnorm=1.0)
+    packed_state, per_leaf_state = packed.init(params), per_leaf.init(params)
+    for g in grads:
+        updates, packed_state = packed.update(g, packed_state, params)
+        expected, per_leaf_state = per_leaf.update(g, per_leaf_state, params)
+        chex.assert_trees_all_close(updates, expected, rtol=1e-5, atol=1e-8)
+    chex.assert_trees_all_close(kopt.get_slot(packed_state, "v"), kopt.get_slot(per_leaf_state, "v"), rtol=1e-5)
