@@ -5,7 +5,10 @@ module-level function (``_adam_array``, ...), lifted to pytrees by
 :func:`kopt.tree.map_arrays`; the scalars shared by all leaves (bias
 corrections, schedules) are computed once per step. All numeric
 hyperparameters are arrays in the state (see :mod:`kopt.state`); structural
-options (``nesterov``, ``amsgrad``) are Python values.
+options (``nesterov``, ``amsgrad``) are Python values. A hyperparameter given
+as a JAX array (``optax.inject_hyperparams`` passes them so, traced under
+``jit``) is read from the argument at every update instead, see
+:func:`kopt.state.current_hyperparams`.
 
 Every transformation with per-parameter slots takes ``state_dtype=None``:
 ``None`` gives each slot its parameter's dtype, but at least float32 (so

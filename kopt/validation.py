@@ -2,7 +2,9 @@
 
 Each hyperparameter name has one allowed range, kept in :data:`RANGES`; a value
 outside it is a ``ValueError`` naming the argument, the range and the value.
-Nothing is clamped.
+Nothing is clamped. A traced value (inside ``jit``, e.g. from
+``optax.inject_hyperparams``) is checked for shape and dtype only: its value is
+not known until it runs.
 """
 
 from __future__ import annotations
