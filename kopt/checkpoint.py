@@ -146,11 +146,16 @@ def _normalized_config(config: Any) -> dict[str, Any] | None:
         raise ValueError(f"config must hold only JSON values (numbers, bools, strings): {error}") from None
 
 
+def _without_layout(config: Any) -> Any:
+    """``config`` without ``packed``: a layout, not an option (files hold states leaf by leaf either way)."""
+    if isinstance(config, dict) and isinstance(config.get("config"), dict):
+        return {**config, "config": {k: v for k, v in config["config"].items() if k != "packed"}}
+    return config
+
+
 def _first_config_difference(stored: Any, given: Any, where: str = "config") -> str | None:
     if isinstance(stored, dict) and isinstance(given, dict):
         for key in list(given) + [k for k in stored if k not in given]:
-            if where == "config['config']" and key == "packed":  # a layout, not an option: files are leaf by leaf
-                continue
             if key not in stored:
                 return f"{where}[{key!r}] is {given[key]!r} in the given config but absent from the file"
             if key not in given:
@@ -452,7 +457,7 @@ def load_state(path: str | os.PathLike[str], like: Any, *, config: Any = None) -
         if given_config is not None:
             if header.get("config") is None:
                 raise ValueError(f"checkpoint {path} holds no optimizer config to compare with the given one")
-            difference = _first_config_difference(header["config"], given_config)
+            difference = _first_config_difference(_without_layout(header["config"]), _without_layout(given_config))
             if difference:
                 raise ValueError(f"checkpoint {path} was saved with another optimizer config: {difference}")
         try:

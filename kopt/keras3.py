@@ -26,7 +26,8 @@ The learning rate. When the state holds one scalar ``lr`` (every kopt alias),
 Keras' ``optimizer.learning_rate`` is that ``lr``: it is written into the state
 before each step, so ``optimizer.learning_rate = x`` and Keras' learning-rate
 callbacks work (for a schedule, ``lr`` is its base value, so they rescale it).
-Otherwise Keras' ``learning_rate`` is not used.
+Otherwise (an optax transformation, several ``lr``) setting Keras'
+``learning_rate`` after ``build`` is a ``ValueError``: it would change nothing.
 
 Saving. The optimizer's config holds ``kopt.serialize(transformation)`` for
 kopt's optimizers (schedules included). A transformation kopt cannot write (a
@@ -134,10 +135,12 @@ class KoptOptimizer(keras.optimizers.Optimizer):
             raise ValueError("tree='path' needs distinct variable paths; use tree='list'")
         state = self.transformation.init(self._as_tree([v.value for v in variables]))
         lr = _held_lr(state)
-        # Keras' variable is float32: it stands for kopt's lr only where that is float32 too (exact numbers).
-        self._lr_is_keras = lr is not None and lr.dtype == self._learning_rate.dtype
+        self._lr_is_keras = lr is not None
         if self._lr_is_keras and not self._lr_guessed:  # else Keras' value (maybe set since) stands
             self._learning_rate.assign(lr)
+        # Keras holds the rate in float32: while it still shows kopt's own lr, the step uses that exact value
+        # (a float64 model keeps its float64 rate); once Keras' rate is changed, the new one.
+        self._lr_exact = None if lr is None else (np.float32(lr).item(), np.asarray(lr))
         leaves, self._treedef = jax.tree_util.tree_flatten_with_path(state)
         self._state_variables = [
             self.add_variable(
@@ -164,7 +167,7 @@ class KoptOptimizer(keras.optimizers.Optimizer):
         grads = [jnp.asarray(g, value.dtype) for g, value in zip(grads, values, strict=True)]
         state = self.state
         if self._lr_is_keras:
-            state = set_hyperparams(state, lr=self._learning_rate.value)
+            state = set_hyperparams(state, lr=self._kopt_lr())
         params = self._as_tree(values)
         updates, state = self.transformation.update(self._as_tree(grads), state, params)
         for index, new in enumerate(self._as_list(apply_updates(params, updates))):
@@ -172,6 +175,26 @@ class KoptOptimizer(keras.optimizers.Optimizer):
                 self._trainable_variables[index].assign(new)
         for variable, leaf in zip(self._state_variables, jax.tree.leaves(state), strict=True):
             variable.assign(leaf)
+
+    def _kopt_lr(self) -> jax.Array:
+        """Keras' current learning rate as kopt's ``lr`` (see ``build``)."""
+        shown, exact = self._lr_exact
+        rate = self._get_current_learning_rate()  # a variable, or a Keras schedule's value
+        rate = jnp.asarray(getattr(rate, "value", rate))
+        return jnp.where(rate == shown, exact, rate.astype(exact.dtype))
+
+    @property
+    def learning_rate(self) -> Any:
+        return self._get_current_learning_rate()
+
+    @learning_rate.setter
+    def learning_rate(self, value: Any) -> None:
+        if self.built and not self._lr_is_keras:
+            raise ValueError(
+                f"optimizer {self.name!r}: its transformation holds no single lr hyperparameter, so Keras' "
+                "learning_rate would change nothing; change the transformation's own hyperparameters instead"
+            )
+        keras.optimizers.Optimizer.learning_rate.fset(self, value)
 
     def update_step(self, gradient, variable, learning_rate):
         raise NotImplementedError("a kopt optimizer updates all variables at once")

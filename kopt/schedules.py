@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kopt.validation import as_real, check_bool, check_count, check_hyperparam, is_concrete
 
@@ -307,10 +308,15 @@ SCHEDULES: dict[str, Callable[..., Schedule]] = {
 }
 
 
-def _number(name: str, value: Any) -> float:
+def _plain(name: str, value: Any) -> Any:
+    """``value`` (a number, bool, array scalar or list of them) as JSON data; a traced one cannot be written."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(name, v) for v in value]
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
     if not is_concrete(value):
         raise ValueError(f"{name} is traced (inside jit): a config needs its value, write it outside jit")
-    return float(value)
+    return int(value) if np.issubdtype(np.asarray(value).dtype, np.integer) else float(value)
 
 
 def to_config(schedule: Schedule, values: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -341,10 +347,7 @@ def to_config(schedule: Schedule, values: Mapping[str, Any] | None = None) -> di
         ]
         arguments["boundaries"] = list(arguments["boundaries"])
     else:
-        arguments.update({name: _number(name, value) for name, value in values.items()})
-        if "scales" in arguments:
-            arguments.update(scales=[_number("scales", s) for s in arguments["scales"]])
-            arguments.update(boundaries=list(arguments["boundaries"]))
+        arguments = {name: _plain(name, values.get(name, value)) for name, value in arguments.items()}
     return {"class_name": class_name, "config": arguments}
 
 

@@ -72,6 +72,10 @@ def serialize(
         raise ValueError(f"flavor must be one of {', '.join(map(repr, tf_keras.FLAVORS))}, got {flavor!r}")
     config = dict(opt.config)
     held = None if state is None else get_hyperparams(state)
+    # A schedule's own hyperparameters (its lr, decay, ...) are written inside its config, not as the optimizer's.
+    in_schedules = {
+        name for value in config.values() if isinstance(value, schedules.Schedule) for name in value.hyperparams
+    }
     for key, value in config.items():
         if isinstance(value, schedules.Schedule) and value.config is not None:
             config[key] = schedules.to_config(value, held)
@@ -82,7 +86,12 @@ def serialize(
             )
         elif held is not None:
             name = _state_name(opt, key)
-            if name in held and not isinstance(value, (Mapping, bool)) and value is not None:
+            if (
+                name in held
+                and name not in in_schedules
+                and not isinstance(value, (Mapping, bool))
+                and value is not None
+            ):
                 config[key] = float(held[name])
     if flavor == opt.flavor:
         if flavor == tf_keras.KERAS:

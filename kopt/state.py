@@ -50,17 +50,18 @@ def init_hyperparams(values: Mapping[str, float], params: Params) -> dict[str, j
 
 def current_hyperparams(held: Mapping[str, jax.Array], given: Mapping[str, Any]) -> dict[str, jax.Array]:
     """The hyperparameters an ``update`` uses: those ``held`` in the state, except the ones
-    ``given`` to the constructor as JAX arrays, which are read from there (in the held dtype).
+    ``given`` to the constructor as tracers, which are read from there (in the held dtype).
 
-    ``optax.inject_hyperparams`` builds the transformation again at every update with its
-    hyperparameters as JAX arrays (tracers under ``jit``), so those must win over the copy
-    ``init`` stored; the update writes them back, so the state shows them. Hyperparameters
-    given as Python numbers live in the state, where ``set_hyperparams`` changes them.
+    ``optax.inject_hyperparams`` builds the transformation again at every update with
+    its hyperparameters as arrays, traced under ``jit``: those must win over the copy
+    ``init`` stored, and the update writes them back so the state shows them. Values
+    known when the transformation is built (numbers, concrete arrays) live in the
+    state, where ``set_hyperparams`` and checkpoints change them.
     """
-    arrays = {name: value for name, value in given.items() if isinstance(value, jax.Array)}
-    if not arrays:
+    traced = {name: value for name, value in given.items() if not is_concrete(value)}
+    if not traced:
         return dict(held)
-    return {**held, **{name: jnp.asarray(value, held[name].dtype) for name, value in arrays.items()}}
+    return {**held, **{name: jnp.asarray(value, held[name].dtype) for name, value in traced.items()}}
 
 
 def _walk(state: Any, path: str) -> Iterator[tuple[str, Any]]:

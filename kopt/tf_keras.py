@@ -217,6 +217,8 @@ def _options(class_name: str, learning_rate: Any, options: dict[str, Any]) -> tu
         options = dict(options["options"])
     lr = options.pop("lr", None)
     learning_rate = learning_rate if lr is None else lr
+    if isinstance(learning_rate, Mapping) and learning_rate.get("class_name") in schedules.SCHEDULES:
+        learning_rate = schedules.from_config(learning_rate)  # kopt's own: kept as a schedule, written with the state
     legacy = check_bool("is_legacy_optimizer", options.pop("is_legacy_optimizer", True))
     allowed = _COMMON + (_LEGACY_ONLY if legacy else _CURRENT_ONLY)
     unknown = [key for key in options if key not in allowed]

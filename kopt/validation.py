@@ -110,11 +110,11 @@ def as_real(name: str, value: Any) -> float | jax.Array:
 
 
 def check_hyperparam(name: str, value: Any) -> float | jax.Array:
-    """Checks ``value`` against the range of hyperparameter ``name``.
+    """Checks ``value`` against the range of hyperparameter ``name``; returns it as a Python float.
 
-    Returns a Python float, except for a JAX array (concrete or traced), which
-    is returned as it is (see :func:`kopt.state.current_hyperparams`): a traced one is checked
-    for shape and dtype only, its value being unknown until it runs.
+    A traced value (see :func:`kopt.state.current_hyperparams`) is checked for
+    shape and dtype only, its value being unknown until it runs, and returned
+    as it is.
     """
     result = as_real(name, value)
     if not is_concrete(result):
@@ -122,15 +122,15 @@ def check_hyperparam(name: str, value: Any) -> float | jax.Array:
     allowed = range_of(name)
     if allowed is not None and result not in allowed:
         raise ValueError(f"{name} must be {allowed}, got {result}")
-    return value if isinstance(value, jax.Array) else result
+    return result
 
 
 def check_count(name: str, value: Any, *, minimum: int = 1) -> int | jax.Array:
-    """An integer number of steps, ``>= minimum``; a JAX integer scalar is returned as it is."""
+    """An integer number of steps, ``>= minimum``; a traced integer scalar is returned as it is."""
     if isinstance(value, jax.Array) and value.ndim == 0 and jnp.issubdtype(value.dtype, jnp.integer):
-        if is_concrete(value) and int(value) < minimum:
-            raise ValueError(f"{name} must be an integer >= {minimum}, got {int(value)}")
-        return value
+        if not is_concrete(value):
+            return value
+        value = int(value)
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Integral, np.integer)):
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     if value < minimum:
@@ -170,4 +170,4 @@ def check_clip_option(name: str, value: Any) -> float | jax.Array | None:
         return result
     if result < 0:
         raise ValueError(f"{name} must be None (off), 0 (off) or > 0, got {result}")
-    return value if isinstance(value, jax.Array) else result
+    return result

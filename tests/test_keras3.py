@@ -10,6 +10,7 @@ of the same loss, the steps from ``opt.update`` / ``kopt.apply_updates``);
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import kopt
@@ -71,6 +72,7 @@ def fit(model, epochs, **kwargs):
 TRANSFORMATIONS = {
     "adam_clipnorm": lambda: kopt.Adam(lr=0.01, clipnorm=1.0),
     "sgd_nesterov_schedule": lambda: kopt.SGD(lr=kopt.cosine_decay(0.05, 6), momentum=0.9, nesterov=True),
+    "optax_chain": lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(0.01)),
     "chain_of_wrappers": lambda: kopt.chain(
         kopt.clip_by_global_norm(1.0), kopt.lookahead(kopt.Nadam(lr=0.01), sync_period=2), kopt.ema_params(0.9)
     ),
@@ -104,6 +106,13 @@ def test_keras_learning_rate_callbacks_drive_kopts_lr():
     before = weights(model)
     fit(model, epochs=1)
     chex.assert_trees_all_equal(weights(model), before)
+
+
+def test_setting_keras_learning_rate_without_a_kopt_lr_is_refused():
+    model = make_model(kopt.to_keras3(optax.adam(0.01)))
+    fit(model, epochs=1)
+    with pytest.raises(ValueError, match="holds no single lr hyperparameter"):
+        model.optimizer.learning_rate = 0.1
 
 
 def test_save_and_load_resume_the_same_run(tmp_path):

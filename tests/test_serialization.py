@@ -6,6 +6,7 @@ import json
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 
@@ -227,3 +228,26 @@ def test_tensorflow_flavored_optimizers_carry_a_kopt_schedule_too():
 def test_bad_schedule_configs_are_clear_errors(config, message):
     with pytest.raises(ValueError, match=message):
         kopt.deserialize(config)
+
+
+def test_a_schedules_hyperparameters_stay_inside_its_config_when_written_with_state():
+    opt = kopt.SGD(lr=kopt.inverse_time_decay(0.1, 0.01))  # the schedule's decay, the optimizer's decay=0
+    config = kopt.serialize(opt, opt.init({"w": jnp.zeros(2)}))
+    assert config["config"]["decay"] == 0.0
+    assert config["config"]["lr"]["config"]["decay"] == pytest.approx(0.01)
+    kopt.deserialize(config)
+
+
+def test_schedule_arguments_given_as_arrays_are_written_as_plain_numbers():
+    schedule = kopt.piecewise_constant(jnp.float32(0.5), [jnp.asarray(5)], [np.float32(0.25)])
+    assert json.loads(json.dumps(kopt.serialize(schedule))) == {
+        "class_name": "piecewise_constant",
+        "config": {"lr": 0.5, "boundaries": [5], "scales": [0.25]},
+    }
+    assert json.dumps(kopt.serialize(kopt.cosine_decay(0.1, jnp.asarray(10))))
+
+
+def test_a_tensorflow_flavored_config_with_a_kopt_schedule_is_written_with_state_values():
+    opt = kopt.deserialize(kopt.serialize(kopt.tf_keras.Adam(learning_rate=kopt.cosine_decay(0.1, 10))))
+    state = kopt.set_hyperparams(opt.init({"w": jnp.zeros(2)}), lr=0.5)
+    assert kopt.serialize(opt, state)["config"]["learning_rate"]["config"]["lr"] == 0.5
