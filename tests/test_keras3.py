@@ -175,3 +175,30 @@ def test_kopts_adam_is_keras3_adam_with_a_global_clipnorm_not_its_per_variable_o
 def test_bad_arguments_are_named(arguments, message):
     with pytest.raises(ValueError, match=message):
         kopt.keras3.KoptOptimizer(**arguments)
+
+
+def test_tree_path_gives_the_transformation_a_dict_by_variable_path():
+    """``tree="path"``: groups and masks by name, here biases on SGD and kernels on Adam."""
+    opt = kopt.partition(
+        {"adam": kopt.Adam(lr=0.01), "sgd": kopt.SGD(lr=0.1, momentum=0.9)},
+        lambda params: {path: "sgd" if path.endswith("bias") else "adam" for path in params},
+    )
+    model = make_model(kopt.to_keras3(opt, tree="path"))
+    paths = [v.path for v in model.trainable_variables]
+    initial = dict(zip(paths, weights(model), strict=True))
+    fit(model, epochs=2)
+
+    def as_list(params):
+        return [params[path] for path in paths]
+
+    @jax.jit
+    def step(params, state, x, y):
+        grads = jax.grad(lambda p: loss_fn(as_list(p), x, y))(params)
+        updates, state = opt.update(grads, state, params)
+        return kopt.apply_updates(params, updates), state
+
+    params, state = initial, opt.init(initial)
+    for _ in range(2):
+        for start in range(0, len(X), BATCH):
+            params, state = step(params, state, X[start : start + BATCH], Y[start : start + BATCH])
+    chex.assert_trees_all_close(weights(model), as_list(params), **TOLERANCE)
