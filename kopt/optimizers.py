@@ -3,7 +3,8 @@
 Signatures and defaults are Keras 2.2.4's, plus ``clipnorm`` / ``clipvalue``
 on every optimizer, ``learning_rate`` as a synonym of ``lr``, ``state_dtype``
 (see :mod:`kopt.transforms`), ``packed`` (``True`` wraps the chain in
-:func:`kopt.packed`: same numbers, far faster on trees of many small leaves)
+:func:`kopt.packed`: same numbers, far faster on trees of many small leaves;
+``None`` packs only where ``init`` finds leaves to pack, see ``packed(auto=True)``)
 and :func:`AdamW`. Each returns
 an :class:`Optimizer`: the ``GradientTransformation`` of the chain, which also
 remembers its Keras config for :func:`kopt.serialize`.
@@ -97,13 +98,13 @@ def _keras_optimizer(
     clipnorm: float | None,
     clipvalue: float | None,
     state_dtype: Any,
-    packed: bool,
+    packed: bool | None,
     *transforms: GradientTransformation,
 ) -> Optimizer:
     """Prepends Keras' gradient clipping to ``transforms``, packs the chain if asked, labels it.
 
     ``state_dtype`` (already given to the transforms) is added to the config
-    when set, by name, so configs stay JSON; ``packed`` when true.
+    when set, by name, so configs stay JSON; ``packed`` when not ``False``.
     """
     clipnorm = check_clip_option("clipnorm", clipnorm)
     clipvalue = check_clip_option("clipvalue", clipvalue)
@@ -116,8 +117,8 @@ def _keras_optimizer(
     if state_dtype is not None:
         config = {**config, "state_dtype": check_state_dtype(state_dtype).name}
     transform = chain(*clipping, *transforms)
-    if check_bool("packed", packed):
-        transform, config = packing.packed(transform), {**config, "packed": True}
+    if packed is None or check_bool("packed", packed):
+        transform, config = packing.packed(transform, auto=packed is None), {**config, "packed": packed}
     return Optimizer(transform, class_name, {**given, **config})
 
 
@@ -131,7 +132,7 @@ def SGD(
     clipvalue: float | None = None,
     learning_rate: LearningRate | None = None,
     state_dtype: Any = None,
-    packed: bool = False,
+    packed: bool | None = False,
 ) -> Optimizer:
     """Stochastic gradient descent with momentum (Keras 2).
 
@@ -169,7 +170,7 @@ def RMSprop(
     clipvalue: float | None = None,
     learning_rate: LearningRate | None = None,
     state_dtype: Any = None,
-    packed: bool = False,
+    packed: bool | None = False,
 ) -> Optimizer:
     """RMSprop (Keras 2): ``a <- rho*a + (1-rho)*g**2``; ``p <- p - lr_i*g / (sqrt(a) + epsilon)``.
 
@@ -205,7 +206,7 @@ def Adagrad(
     clipvalue: float | None = None,
     learning_rate: LearningRate | None = None,
     state_dtype: Any = None,
-    packed: bool = False,
+    packed: bool | None = False,
 ) -> Optimizer:
     """Adagrad (Keras 2): ``a <- a + g**2`` (from zero); ``p <- p - lr_i*g / (sqrt(a) + epsilon)``.
 
@@ -246,7 +247,7 @@ def Adadelta(
     clipvalue: float | None = None,
     learning_rate: LearningRate | None = None,
     state_dtype: Any = None,
-    packed: bool = False,
+    packed: bool | None = False,
 ) -> Optimizer:
     """Adadelta (Keras 2): ``p <- p - lr_i*u`` with ``u`` from :func:`~kopt.scale_by_adadelta`.
 
@@ -284,7 +285,7 @@ def Adam(
     clipvalue: float | None = None,
     learning_rate: LearningRate | None = None,
     state_dtype: Any = None,
-    packed: bool = False,
+    packed: bool | None = False,
 ) -> Optimizer:
     """Adam (Keras 2), optionally AMSGrad.
 
@@ -325,7 +326,7 @@ def AdamW(
     clipvalue: float | None = None,
     learning_rate: LearningRate | None = None,
     state_dtype: Any = None,
-    packed: bool = False,
+    packed: bool | None = False,
 ) -> Optimizer:
     """Adam of the spec with decoupled weight decay (a kopt extension; Keras 2 has no AdamW).
 
@@ -376,7 +377,7 @@ def Adamax(
     clipvalue: float | None = None,
     learning_rate: LearningRate | None = None,
     state_dtype: Any = None,
-    packed: bool = False,
+    packed: bool | None = False,
 ) -> Optimizer:
     """Adamax (Keras 2): ``p <- p - lr_i/(1-beta_1**t) * m / (u + epsilon)``, ``u <- max(beta_2*u, |g|)``.
 
@@ -413,7 +414,7 @@ def Nadam(
     clipvalue: float | None = None,
     learning_rate: LearningRate | None = None,
     state_dtype: Any = None,
-    packed: bool = False,
+    packed: bool | None = False,
 ) -> Optimizer:
     """Nadam (Keras 2): Adam with Nesterov momentum and a momentum schedule; no ``decay``.
 

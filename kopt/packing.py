@@ -336,7 +336,7 @@ def refuse_packed(transform: str, tree: Any) -> None:
         )
 
 
-def packed(inner: GradientTransformation) -> GradientTransformation:
+def packed(inner: GradientTransformation, *, auto: bool = False) -> GradientTransformation:
     """Runs ``inner`` on flat buffers of the leaves and keeps its state packed between steps.
 
     Same numbers as ``inner`` (to the last bit or two, see the module
@@ -346,6 +346,11 @@ def packed(inner: GradientTransformation) -> GradientTransformation:
     unchanged; :func:`kopt.get_slot` / :func:`kopt.set_slot` read and write
     slots leaf by leaf. Every alias takes ``packed=True`` for this. Use it for
     trees of many small leaves; for a few big ones packing only adds a copy.
+
+    With ``auto=True`` (the aliases' ``packed=None``) ``init`` decides from the
+    params: when no two leaves would share a buffer (every leaf big, sharded
+    across devices or asking for its own sharding), it keeps ``inner``'s own
+    per-leaf state, with the per-leaf path's exact numbers; otherwise it packs.
 
     Example:
         >>> import jax.numpy as jnp, kopt
@@ -358,13 +363,20 @@ def packed(inner: GradientTransformation) -> GradientTransformation:
     """
     keep = accepted_extra_args(inner.update)
 
-    def init(params: Params) -> PackedState:
+    def init(params: Params) -> PackedState | OptState:
         layout = Layout.of(params)
+        if auto and all(len(members) == 1 for members in layout.members.values()):
+            return inner.init(params)  # nothing to pack: the per-leaf state, as without packing
         return PackedState(layout, inner.init(layout.pack(params, "params")), _rows(layout))
+
+    def update(updates: Updates, state: PackedState | OptState, params: Params | None = None, **extra_args):
+        if auto and not isinstance(state, PackedState):
+            return inner.update(updates, state, params, **extra_args)
+        return packed_update(updates, state, params, **extra_args)
 
     @compiled_when_eager
     @expects(PackedState)
-    def update(updates: Updates, state: PackedState, params: Params | None = None, **extra_args):
+    def packed_update(updates: Updates, state: PackedState, params: Params | None = None, **extra_args):
         layout = state.layout
         flat_params = None if params is None else layout.pack(params, "params")
         new, inner_state = inner.update(layout.pack(updates), state.inner_state, flat_params, **keep(extra_args))

@@ -145,7 +145,7 @@ def test_kopt_chain_forwards_the_loss_to_an_optax_transform_that_takes_it(packed
 # --------------------------------------------------------------------------- Flax NNX
 
 
-@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("packed", [False, True, None])  # None: packs where init finds leaves to pack
 def test_flax_nnx_optimizer_trains_like_kopt_by_hand(packed):
     nnx = pytest.importorskip("flax.nnx")
 
@@ -170,16 +170,18 @@ def test_flax_nnx_optimizer_trains_like_kopt_by_hand(packed):
     losses = jnp.stack([step(model, optimizer, x, y) for x, y in batches()])
     params, state, hand_losses = by_hand(kopt.Adam(lr=0.01, clipnorm=1.0), start)
     assert losses[-1] < losses[0]
-    chex.assert_trees_all_close(losses, hand_losses, **(PACKED_TOLERANCE if packed else TOLERANCE))
+    chex.assert_trees_all_close(losses, hand_losses, **(PACKED_TOLERANCE if packed is not False else TOLERANCE))
     chex.assert_trees_all_close(
-        nnx.to_pure_dict(nnx.state(model, nnx.Param)), params, **(PACKED_TOLERANCE if packed else TOLERANCE)
+        nnx.to_pure_dict(nnx.state(model, nnx.Param)),
+        params,
+        **(PACKED_TOLERANCE if packed is not False else TOLERANCE),
     )
     nnx_state = nnx.as_pure(optimizer.opt_state)  # kopt's own state, slots keyed like the model
     for slot in ("m", "v"):
         chex.assert_trees_all_close(
             jax.tree.leaves(kopt.get_slot(nnx_state, slot)),
             jax.tree.leaves(kopt.get_slot(state, slot)),
-            **(PACKED_TOLERANCE if packed else TOLERANCE),
+            **(PACKED_TOLERANCE if packed is not False else TOLERANCE),
         )
     assert int(kopt.iterations(nnx_state)) == STEPS
 
@@ -187,7 +189,7 @@ def test_flax_nnx_optimizer_trains_like_kopt_by_hand(packed):
 # --------------------------------------------------------------------------- Flax Linen
 
 
-@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("packed", [False, True, None])  # None: packs where init finds leaves to pack
 def test_flax_linen_train_state_trains_like_kopt_by_hand(packed):
     nn = pytest.importorskip("flax.linen")
     from flax.training import train_state
@@ -228,7 +230,7 @@ def test_flax_linen_train_state_trains_like_kopt_by_hand(packed):
 # --------------------------------------------------------------------------- Equinox
 
 
-@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("packed", [False, True, None])  # None: packs where init finds leaves to pack
 def test_equinox_loop_with_none_leaves_trains_like_kopt_by_hand(packed):
     eqx = pytest.importorskip("equinox")
 

@@ -10,6 +10,7 @@ squares in another order, so it agrees to a few ulps of the clip factor.
 from __future__ import annotations
 
 import collections
+import json
 import math
 import re
 
@@ -431,3 +432,23 @@ def test_tree_zoo_packed_matches_per_leaf(name):
         expected, per_leaf_state = per_leaf.update(g, per_leaf_state, params)
         chex.assert_trees_all_close(updates, expected, rtol=1e-5, atol=1e-8)
     chex.assert_trees_all_close(kopt.get_slot(packed_state, "v"), kopt.get_slot(per_leaf_state, "v"), rtol=1e-5)
+
+
+def test_packed_none_packs_only_where_init_finds_leaves_to_pack():
+    big = {"w": jnp.linspace(-1.0, 1.0, kopt.packing.ALONE).reshape(256, 256), "b": jnp.ones(kopt.packing.ALONE)}
+    small = make_params(jnp.float32)
+    auto, per_leaf = kopt.Adam(lr=0.01, clipnorm=1.0, packed=None), kopt.Adam(lr=0.01, clipnorm=1.0)
+    # nothing to pack: the per-leaf state itself, and the per-leaf numbers bit for bit
+    state = auto.init(big)
+    chex.assert_trees_all_equal_structs(state, per_leaf.init(big))
+    grads = jax.tree.map(lambda p: 0.5 * p, big)
+    chex.assert_trees_all_equal(auto.update(grads, state, big)[0], per_leaf.update(grads, per_leaf.init(big), big)[0])
+    # small leaves: packed, same numbers as the per-leaf path (to clipnorm's last bits)
+    state = auto.init(small)
+    assert isinstance(state, kopt.PackedState)
+    _, reference = trajectory(per_leaf, small, make_grads(small))
+    _, state = trajectory(auto, small, make_grads(small))
+    chex.assert_trees_all_close(kopt.get_slot(state, "m"), kopt.get_slot(reference, "m"), rtol=1e-5, atol=1e-8)
+    # and the choice travels in the config
+    assert kopt.serialize(auto)["config"]["packed"] is None
+    assert kopt.deserialize(json.loads(json.dumps(kopt.serialize(auto)))).config["packed"] is None
