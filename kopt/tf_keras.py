@@ -208,13 +208,18 @@ def schedule_from_config(config: Mapping[str, Any]) -> schedules.Schedule:
 # --------------------------------------------------------------------------- shared construction
 
 
+def _unbound(options: dict[str, Any]) -> dict[str, Any]:
+    """``**options`` as given: optax.inject_hyperparams re-binds the signature and passes them as one argument."""
+    if set(options) == {"options"} and isinstance(options["options"], Mapping):
+        return dict(options["options"])
+    return options
+
+
 def _options(class_name: str, learning_rate: Any, options: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     """``(learning_rate, options)``: TensorFlow's common keyword arguments checked, with their generation's
     defaults; the legacy ``lr`` spelling, if given, is the learning rate.
     """
-    if set(options) == {"options"} and isinstance(options["options"], Mapping):
-        # optax.inject_hyperparams re-binds the signature and passes **options on as one argument
-        options = dict(options["options"])
+    options = _unbound(options)
     lr = options.pop("lr", None)
     learning_rate = learning_rate if lr is None else lr
     if isinstance(learning_rate, Mapping) and learning_rate.get("class_name") in schedules.SCHEDULES:
@@ -309,7 +314,7 @@ def _optimizer(
     rate = _schedule(config["learning_rate"], options.get("decay", 0.0) if legacy else 0.0)
     decay = []
     weight_decay = options.get("weight_decay")
-    if weight_decay:
+    if weight_decay is not None and (not is_concrete(weight_decay) or weight_decay):  # traced: on
         if momentum is not None:
             raise ValueError(
                 f"{class_name}(weight_decay=..., momentum > 0) cannot be honoured: TensorFlow decays the variable "
@@ -463,6 +468,7 @@ def AdamW(
         >>> import kopt
         >>> opt = kopt.tf_keras.AdamW(weight_decay=0.01)
     """
+    options = _unbound(options)
     if options.get("is_legacy_optimizer", False):
         raise ValueError("AdamW has no legacy TensorFlow optimizer: is_legacy_optimizer must be False")
     options = {**options, "is_legacy_optimizer": False, "weight_decay": weight_decay}
@@ -502,6 +508,7 @@ def Nadam(
         >>> import kopt
         >>> opt = kopt.tf_keras.Nadam(decay=0.004)
     """
+    options = _unbound(options)
     if "schedule_decay" in options:
         if "decay" in options:
             raise ValueError("give Nadam's schedule decay as decay or as schedule_decay, not both")

@@ -105,6 +105,16 @@ TRANSFORMS = [
     ("accumulate", kopt.accumulate, {"inner": kopt.SGD(0.1), "every_k": 2}, None),
     ("skip_nonfinite", kopt.skip_nonfinite, {"inner": kopt.SGD(0.1), "max_consecutive": 2}, None),
     ("tf_keras_adam", kopt.tf_keras.Adam, {"learning_rate": 0.1}, ("learning_rate", 0.01, "lr")),
+    ("tf_keras_adagrad", kopt.tf_keras.Adagrad, {"learning_rate": 0.1}, ("learning_rate", 0.01, "lr")),
+    ("tf_keras_adadelta", kopt.tf_keras.Adadelta, {"learning_rate": 1.0}, ("rho", 0.5, "rho")),
+    ("tf_keras_adamax", kopt.tf_keras.Adamax, {"learning_rate": 0.1}, ("beta_1", 0.5, "beta_1")),
+    ("tf_keras_nadam", kopt.tf_keras.Nadam, {"learning_rate": 0.1}, ("learning_rate", 0.01, "lr")),
+    (
+        "tf_keras_adamw",
+        kopt.tf_keras.AdamW,
+        {"learning_rate": 0.1, "is_legacy_optimizer": False},
+        ("weight_decay", 0.1, "weight_decay"),
+    ),
     # kopt.tf_keras' SGD and RMSprop keep a velocity or not depending on momentum: it must stay a number.
     (
         "tf_keras_sgd",
