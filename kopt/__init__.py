@@ -1,6 +1,9 @@
 """kopt: the Keras 2 optimizers as pure JAX gradient transformations.
 
 The public API is exactly what this module names; everything else is private.
+``kopt.to_keras3`` (kopt inside Keras 3, :mod:`kopt.keras3`) is public too, but
+imported on first use and left out of ``__all__``: Keras is an optional extra,
+and ``from kopt import *`` must not need it.
 """
 
 from kopt import tf_keras
@@ -137,8 +140,6 @@ __all__ = [
     "from_keras_weights",
     "to_keras_weights",
     "load_keras_optimizer",
-    # Keras 3 (imports keras when used)
-    "to_keras3",
     # state types
     "ClipState",
     "ScaleByLearningRateState",
