@@ -308,6 +308,11 @@ SCHEDULES: dict[str, Callable[..., Schedule]] = {
 }
 
 
+def is_config(value: Any) -> bool:
+    """Whether ``value`` is a kopt schedule's config (``{"class_name": <a kopt schedule>, ...}``)."""
+    return isinstance(value, Mapping) and value.get("class_name") in SCHEDULES
+
+
 def _plain(name: str, value: Any) -> Any:
     """``value`` (a number, bool, array scalar or list of them) as JSON data; a traced one cannot be written."""
     if isinstance(value, (list, tuple)):

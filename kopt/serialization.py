@@ -228,7 +228,7 @@ def deserialize(config: Mapping[str, Any], *, flavor: str | None = None) -> Opti
             return known[class_name.lower()](**{**arguments, "is_legacy_optimizer": flavor == tf_keras.LEGACY})
         except TypeError as error:  # an unknown key: a bad config is a ValueError, as for kopt's own
             raise ValueError(str(error)) from None
-    if class_name in schedules.SCHEDULES:
+    if schedules.is_config(config):
         return schedules.from_config(config)
     if not isinstance(class_name, str) or class_name.lower() not in OPTIMIZERS:
         raise ValueError(f"Unknown optimizer: {class_name!r}; known: {', '.join(sorted(OPTIMIZERS))}")

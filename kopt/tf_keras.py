@@ -193,7 +193,7 @@ def schedule_from_config(config: Mapping[str, Any]) -> schedules.Schedule:
     """
     class_name = config.get("class_name") if isinstance(config, Mapping) else None
     arguments = config.get("config") if isinstance(config, Mapping) else None
-    if class_name in schedules.SCHEDULES:  # a kopt schedule, as kopt.serialize writes it
+    if schedules.is_config(config):  # a kopt schedule, as kopt.serialize writes it
         return schedules.from_config(config)
     if class_name not in _SCHEDULES or not isinstance(arguments, Mapping):
         raise ValueError(
@@ -222,7 +222,7 @@ def _options(class_name: str, learning_rate: Any, options: dict[str, Any]) -> tu
     options = _unbound(options)
     lr = options.pop("lr", None)
     learning_rate = learning_rate if lr is None else lr
-    if isinstance(learning_rate, Mapping) and learning_rate.get("class_name") in schedules.SCHEDULES:
+    if schedules.is_config(learning_rate):
         learning_rate = schedules.from_config(learning_rate)  # kopt's own: kept as a schedule, written with the state
     legacy = check_bool("is_legacy_optimizer", options.pop("is_legacy_optimizer", True))
     allowed = _COMMON + (_LEGACY_ONLY if legacy else _CURRENT_ONLY)
