@@ -251,7 +251,7 @@ class Row:
     n_params: int
     n_leaves: int
     step_ms: float = NAN  # jitted update + apply, params and state donated (torch: its in-place step)
-    loop_ms: float = NAN  # device time per step: K steps in one jitted fori_loop (GPU only; torch: CUDA graph)
+    loop_ms: float = NAN  # device time per step: K steps in one jitted fori_loop (GPU or --loop; torch: CUDA graph)
     step_nodonate_ms: float = NAN  # the same without donation (fresh output buffers)
     lower_s: float = NAN  # jax.jit(step, donate_argnums=(0, 1)).lower(...)
     compile_s: float = NAN  # lowered.compile() (train_step rows: first call, trace + compile + run)
@@ -455,10 +455,19 @@ def copy(tree: Any) -> Any:
 
 
 def measure(
-    shape: str, params: Any, grads: Any, spec: Spec, triad: Triad, reps: int, eager_reps: int, nodonate: bool
+    shape: str,
+    params: Any,
+    grads: Any,
+    spec: Spec,
+    triad: Triad,
+    reps: int,
+    eager_reps: int,
+    nodonate: bool,
+    loop: bool = ON_GPU,
 ) -> list[Row]:
     """Every metric of one (shape, optimizer) for kopt, optax and torch.optim, with the triad timed among
-    them (the step without donation only if ``nodonate``, the eager update only if ``eager_reps``)."""
+    them (the step without donation only if ``nodonate``, the eager update only if ``eager_reps``, the
+    device time per step only if ``loop``)."""
     reset_peak_rss()
     n = sum(leaf.size for leaf in jax.tree.leaves(params))
     libs = {"kopt": (spec.kopt(), kopt.apply_updates), "optax": (spec.optax(), optax.apply_updates)}
@@ -476,7 +485,7 @@ def measure(
                 row.kernels, row.xla_mb = kernel_count(compiled), xla_mb(compiled)
             else:
                 row.xla_nodonate_mb = xla_mb(compiled)
-    if ON_GPU:  # device time: K steps in one jitted loop, so launch overhead is paid once per K
+    if loop:  # device time: K steps in one jitted loop, so launch overhead is paid once per K
         for lib, (opt, apply) in libs.items():
             runners[(f"{lib}-loop", True)] = runs[lib].loop(opt, apply, LOOP_STEPS)
     if torch is not None and spec.torch:
@@ -895,6 +904,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="smaller trees, fewer optimizers on big shapes")
     parser.add_argument("--shapes", default="", help="comma-separated substrings of shape names to run (default all)")
     parser.add_argument("--optimizers", default="", help="comma-separated optimizer names to run (default all)")
+    parser.add_argument(
+        "--loop", action="store_true", help="device time per step (K steps in one jitted loop) off a GPU too"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder (default benchmarks/results)")
     args = parser.parse_args(argv)
     args.reps, args.eager_reps = (7, 3) if args.quick else (15, 5)
@@ -921,7 +933,8 @@ def main(argv: list[str] | None = None) -> None:
             eager_reps = (
                 0 if args.quick and spec.name not in KEY else min(args.eager_reps, 3) if big else args.eager_reps
             )
-            new = measure(shape, params, grads, spec, triad, args.reps, eager_reps, nodonate=big or spec.name in KEY)
+            nodonate = big or spec.name in KEY
+            new = measure(shape, params, grads, spec, triad, args.reps, eager_reps, nodonate, ON_GPU or args.loop)
             rows += new
             print(
                 f"[{time.perf_counter() - started:4.0f}s] {shape} {spec.name}: kopt {new[0].step_ms:.2f} ms,"
