@@ -18,7 +18,6 @@ import argparse
 import functools
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -27,61 +26,44 @@ import optax
 import kopt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import run  # benchmarks/run.py: the trees, the step, materialize
-import zoo
+import run  # benchmarks/run.py: the trees, the peers, the step (and the persistent compilation cache off)
 
-jax.config.update("jax_enable_compilation_cache", False)
+# The trees of benchmarks/run.py but its single 16M-float leaf (nothing to pack there).
+TREES = [(name, structure) for name, structure in run.shapes(quick=False) if not name.startswith("1 leaf")]
 
-TREES = {
-    "small leaves": lambda: run.small_leaves(2000),
-    "random order": lambda: zoo.random_order(1000),
-    "distinct": lambda: zoo.distinct(2000),
-    "resnet50": zoo.resnet50,
-    "vit-b": zoo.vit_b,
-    "unet": zoo.unet,
-    "moe": zoo.moe,
-    "gpt2": lambda: run.gpt2(12, 768, 50257),
-}
-
-OPTIMIZERS = {
-    "adam": (lambda **kw: kopt.Adam(lr=1e-3, **kw), lambda: optax.adam(1e-3, eps=run.EPS)),
-    "clipnorm+adam": (
-        lambda **kw: kopt.Adam(lr=1e-3, clipnorm=run.CLIPNORM, **kw),
-        lambda: optax.chain(optax.clip_by_global_norm(run.CLIPNORM), optax.adam(1e-3, eps=run.EPS)),
-    ),
+# kopt's Adam with a layout option, and the same optax peer as run.py gives it.
+PEERS = {spec.name: spec for spec in run.OPTIMIZERS}
+KOPT = {
+    "adam": lambda **layout: kopt.Adam(lr=1e-3, **layout),
+    "clipnorm+adam": lambda **layout: kopt.Adam(lr=1e-3, clipnorm=run.CLIPNORM, **layout),
 }
 
 LAYOUTS = {"per leaf": {"packed": False}, "packed": {"packed": True}, "auto": {"packed": None}}
 
 
 def compile_seconds(opt, params, grads) -> float:
-    state = opt.init(params)
-    step = run.make_step(opt, optax.apply_updates)
-    jax.clear_caches()
-    lowered = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, grads)
-    t0 = time.perf_counter()
-    lowered.compile()
-    return time.perf_counter() - t0
+    jax.clear_caches()  # no kernel or trace of an earlier contestant reused
+    _, _, seconds = run.compile_step(opt, optax.apply_updates, (params, opt.init(params), grads), donate=True)
+    return seconds
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trees", default="", help="comma-separated substrings of tree names (default all)")
-    parser.add_argument("--optimizers", default=",".join(OPTIMIZERS), help="adam, clipnorm+adam")
+    parser.add_argument("--optimizers", default=",".join(KOPT), help="adam, clipnorm+adam")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     wanted = [w for w in args.trees.split(",") if w]
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, {args.rounds} rounds, fastest round shown")
     print("| tree | leaves | optimizer | optax s | per leaf s (x) | packed s (x) | auto s (x) | packed x range |")
     print("| --- | ---: | --- | ---: | ---: | ---: | ---: | --- |")
-    for tree_name, build in TREES.items():
+    for tree_name, structure in TREES:
         if wanted and not any(w in tree_name for w in wanted):
             continue
-        structure = build()
         params = run.materialize(structure, 0, 0.1)
         grads = run.materialize(structure, 1, 0.01)
         for opt_name in args.optimizers.split(","):
-            make_kopt, make_optax = OPTIMIZERS[opt_name]
+            make_kopt, make_optax = KOPT[opt_name], PEERS[opt_name].optax
             contestants = {
                 "optax": make_optax,
                 **{k: functools.partial(make_kopt, **kw) for k, kw in LAYOUTS.items()},
