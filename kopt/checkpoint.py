@@ -47,11 +47,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import io
 import json
 import math
 import os
+import re
 import secrets
-from collections.abc import Callable, Mapping
+import zipfile
+from collections.abc import Callable, Iterator, Mapping
 from typing import IO, Any
 
 import jax
@@ -59,7 +62,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from kopt import packing
+from kopt import file_safety, packing
 
 FORMAT = "kopt-checkpoint"
 FORMAT_VERSION = 1
@@ -278,14 +281,49 @@ def _corrupted(path: str, what: str) -> CheckpointCorruptedError:
     )
 
 
-def _parse_header(npz: Any, path: str) -> dict[str, Any]:
-    """The JSON header, checked for the fields and types this module relies on."""
-    if _HEADER not in npz.files:
-        raise _corrupted(path, "no header member")
-    raw = npz[_HEADER]
-    if raw.dtype != np.uint8 or raw.ndim != 1:
-        raise _corrupted(path, "header is not a uint8 vector")
-    header = json.loads(raw.tobytes().decode("utf-8"))
+#: Bytes a member may hold beyond its array: the ``.npy`` header (64 bytes as ``np.savez`` writes it; NumPy
+#: reads headers up to 10000 bytes).
+_NPY_ALLOWANCE = 65536
+_MEMBER = re.compile(r"(header|leaf_(0|[1-9][0-9]*))\.npy")
+
+
+def _read_npy(archive: zipfile.ZipFile, name: str, dtype: np.dtype, shape: tuple[int, ...] | int) -> np.ndarray:
+    """Array member ``name``: its declared size, then its ``.npy`` header, must give ``dtype`` and ``shape``.
+
+    An int ``shape`` means any 1-d array of at most that many elements (the
+    header). The member is refused before it is read if it declares more
+    bytes than the array needs (plus a ``.npy`` header); no pickle, no object
+    dtype, and no allocation beyond the declared (checked) size.
+    """
+    elements = shape if isinstance(shape, int) else math.prod(shape)
+    data = file_safety.read_member(archive, name, elements * dtype.itemsize + _NPY_ALLOWANCE)
+    stream = io.BytesIO(bytes(data[:_NPY_ALLOWANCE]))
+    version = np.lib.format.read_magic(stream)
+    if version == (1, 0):
+        stored_shape, fortran, stored = np.lib.format.read_array_header_1_0(stream)
+    elif version == (2, 0):
+        stored_shape, fortran, stored = np.lib.format.read_array_header_2_0(stream)
+    else:
+        raise ValueError(f".npy format version {version}; kopt writes 1.0")
+    if stored.newbyteorder("=") != dtype.newbyteorder("=") or stored.hasobject:
+        raise ValueError(f"holds dtype {stored}, expected {dtype}")
+    if len(stored_shape) != 1 if isinstance(shape, int) else tuple(stored_shape) != shape:
+        raise ValueError(f"holds shape {stored_shape}, expected {'1-d' if isinstance(shape, int) else shape}")
+    offset = stream.tell()
+    if len(data) - offset != math.prod(stored_shape) * dtype.itemsize:
+        raise ValueError(f"holds {len(data) - offset} data bytes for a {stored}{list(stored_shape)} array")
+    array = np.frombuffer(data, stored, offset=offset).reshape(stored_shape, order="F" if fortran else "C")
+    return array if stored.isnative else array.astype(dtype)
+
+
+def _parse_header(archive: zipfile.ZipFile, path: str, leaves: int) -> dict[str, Any]:
+    """The JSON header (for about ``leaves`` leaves), checked for the fields and types this module relies on."""
+    limit = file_safety.json_limit(leaves)
+    try:
+        raw = _read_npy(archive, _HEADER + ".npy", np.dtype(np.uint8), limit)
+        header = file_safety.load_json(raw.tobytes(), limit)
+    except ValueError as error:
+        raise _corrupted(path, f"member {_HEADER + '.npy'!r}: {error}") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise _corrupted(path, "header does not name the kopt-checkpoint format")
     version = header.get("format_version")
@@ -301,7 +339,7 @@ def _parse_header(npz: Any, path: str) -> dict[str, Any]:
             isinstance(record, dict)
             and isinstance(record.get("path"), str)
             and isinstance(record.get("shape"), list)
-            and all(isinstance(n, int) and n >= 0 for n in record["shape"])
+            and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in record["shape"])
             and isinstance(record.get("dtype"), str)
             and isinstance(record.get("stored_as"), str)
         )
@@ -310,6 +348,11 @@ def _parse_header(npz: Any, path: str) -> dict[str, Any]:
         dtype = _resolve_dtype(record["dtype"])  # TypeError for unknown names: caught as corruption
         if _storage_dtype(dtype).name != record["stored_as"]:
             raise _corrupted(path, f"leaf {record['path']} stored as {record['stored_as']}, expected {dtype.name}")
+    expected = {_HEADER + ".npy"} | {f"leaf_{index}.npy" for index in range(len(leaves))}
+    if set(archive.namelist()) != expected:
+        raise _corrupted(
+            path, f"members {sorted(archive.namelist())[:10]} do not match the {len(leaves)} leaves of the header"
+        )
     return header
 
 
@@ -338,24 +381,15 @@ def _first_leaf_difference(records: list[dict[str, Any]], like_flat: list) -> st
     return None
 
 
-def _read_leaves(npz: Any, header: dict[str, Any], path: str) -> list[np.ndarray]:
+def _read_leaves(archive: zipfile.ZipFile, header: dict[str, Any], path: str) -> list[np.ndarray]:
     """Every leaf, checked against its record and the checksum, in its real dtype."""
     records = header["leaves"]
-    expected = {_HEADER} | {f"leaf_{index}" for index in range(len(records))}
-    if set(npz.files) != expected:
-        raise _corrupted(path, f"members {sorted(npz.files)} do not match the {len(records)} leaves of the header")
     stored = []
     for index, record in enumerate(records):
-        storage = _resolve_dtype(record["stored_as"])
-        shape = tuple(record["shape"])
-        # Refuse an oversized member before NumPy allocates the array its own (possibly damaged) header claims.
-        info = npz.zip.getinfo(f"leaf_{index}.npy")
-        nbytes = math.prod(shape) * storage.itemsize
-        if not nbytes <= info.file_size <= nbytes + 65536:
-            raise _corrupted(path, f"leaf {record['path']} has {info.file_size} bytes, expected about {nbytes}")
-        array = npz[f"leaf_{index}"]
-        if array.dtype != storage or array.shape != shape:
-            raise _corrupted(path, f"leaf {record['path']} is {array.dtype}{list(array.shape)}, header says otherwise")
+        try:
+            array = _read_npy(archive, f"leaf_{index}.npy", _resolve_dtype(record["stored_as"]), tuple(record["shape"]))
+        except ValueError as error:
+            raise _corrupted(path, f"member 'leaf_{index}.npy' (leaf {record['path']}): {error}") from None
         stored.append(array)
     if _digest(records, stored) != header["sha256"]:
         raise _corrupted(path, "SHA-256 checksum mismatch")
@@ -375,14 +409,32 @@ def _place(value: np.ndarray, like_leaf: Any) -> Any:
     return np.asarray(value)
 
 
-def _open_npz(file: IO[bytes], path: str) -> Any:
+@contextlib.contextmanager
+def _checkpoint_archive(path: str) -> Iterator[zipfile.ZipFile]:
+    """The checkpoint's zip, its member names checked (no stranger, each once); open failures are corruption."""
     try:
-        npz = np.load(file, allow_pickle=False)
+        file_safety.regular_file_size(path)  # a missing file stays FileNotFoundError
+        archive = file_safety.open_zip(path)
+    except FileNotFoundError:
+        raise
     except Exception as error:  # any parse failure of untrusted bytes means "not a checkpoint"
         raise _corrupted(path, f"{type(error).__name__}: {error}") from error
-    if not isinstance(npz, np.lib.npyio.NpzFile):
-        raise _corrupted(path, "a single .npy array, not an .npz archive")
-    return npz
+    with archive:
+        names = archive.namelist()
+        if _HEADER + ".npy" not in names or not all(_MEMBER.fullmatch(name) for name in names):
+            raise _corrupted(path, f"members {sorted(names)[:10]} are not a header and leaves")
+        yield archive
+
+
+def _guarded(path: str, read: Callable[[], Any]) -> Any:
+    """``read()``, with any failure other than a CheckpointCorruptedError (damaged JSON, unknown dtype
+    names, zip CRC errors, short reads ...) reported as one."""
+    try:
+        return read()
+    except CheckpointCorruptedError:
+        raise
+    except Exception as error:  # untrusted bytes make zipfile, zlib and NumPy raise all kinds of errors
+        raise _corrupted(path, f"{type(error).__name__}: {error}") from error
 
 
 def read_checkpoint_header(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -394,13 +446,9 @@ def read_checkpoint_header(path: str | os.PathLike[str]) -> dict[str, Any]:
     Raises :class:`CheckpointCorruptedError` for an unreadable file.
     """
     path = os.fspath(path)
-    with open(path, "rb") as file, _open_npz(file, path) as npz:
-        try:
-            return _parse_header(npz, path)
-        except CheckpointCorruptedError:
-            raise
-        except Exception as error:  # damaged JSON, unknown dtype names, bad zip members ...
-            raise _corrupted(path, f"{type(error).__name__}: {error}") from error
+    with _checkpoint_archive(path) as archive:
+        # No `like` says how many leaves to expect: the archive's own members do (each is on disk).
+        return _guarded(path, lambda: _parse_header(archive, path, len(archive.namelist()) - 1))
 
 
 def load_state(path: str | os.PathLike[str], like: Any, *, config: Any = None) -> Any:
@@ -444,13 +492,8 @@ def load_state(path: str | os.PathLike[str], like: Any, *, config: Any = None) -
         like = jax.eval_shape(packing.leaf_by_leaf, like)
     like_flat, treedef = jax.tree_util.tree_flatten_with_path(like)
     given_config = _normalized_config(config)
-    with open(path, "rb") as file, _open_npz(file, path) as npz:
-        try:
-            header = _parse_header(npz, path)
-        except CheckpointCorruptedError:
-            raise
-        except Exception as error:  # damaged JSON, unknown dtype names, bad zip members ...
-            raise _corrupted(path, f"{type(error).__name__}: {error}") from error
+    with _checkpoint_archive(path) as archive:
+        header = _guarded(path, lambda: _parse_header(archive, path, len(like_flat)))
         difference = _first_leaf_difference(header["leaves"], like_flat)
         if difference:
             raise ValueError(f"checkpoint {path} does not match `like`: {difference}")
@@ -460,12 +503,7 @@ def load_state(path: str | os.PathLike[str], like: Any, *, config: Any = None) -
             difference = _first_config_difference(_without_layout(header["config"]), _without_layout(given_config))
             if difference:
                 raise ValueError(f"checkpoint {path} was saved with another optimizer config: {difference}")
-        try:
-            values = _read_leaves(npz, header, path)
-        except CheckpointCorruptedError:
-            raise
-        except Exception as error:  # zip CRC errors, short reads, damaged .npy headers ...
-            raise _corrupted(path, f"{type(error).__name__}: {error}") from error
+        values = _guarded(path, lambda: _read_leaves(archive, header, path))
     if packed_like is not None:
         state = packing.packed_like(packed_like, treedef.unflatten(values))
         placed = [

@@ -8,6 +8,17 @@ order of its ``weight_names``). ``model.save("m.keras")`` (a zip) keeps it in
 code from the file runs (a custom optimizer or schedule class is an error, not
 an import), and no array can be an object.
 
+Files may come from strangers, so everything is checked before it is read
+(``docs/threat_model.md``): the optimizer config is read first, and with it
+and ``params`` every weight's shape and dtype kind is known; each dataset's
+metadata is compared with that before its data is read. No HDF5 soft or
+external link, external-storage, virtual or chunked dataset is read; JSON
+is bounded in size (:func:`kopt.file_safety.json_limit`) and depth (64); the
+``model.weights.h5`` member of a ``.keras`` zip may declare at most
+:func:`weights_member_limit` bytes. Every refusal is a
+:class:`KerasFileError` (a ``ValueError``) naming the file, the member or
+dataset, and what differs.
+
 What TensorFlow 2.21 leaves out, and what kopt does (the same as
 ``tf_keras.models.load_model`` unless said otherwise):
 
@@ -26,22 +37,41 @@ does not depend on it otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import io
-import json
+import math
 import os
 import warnings
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
+import jax
 import numpy as np
 
+from kopt import file_safety
 from kopt.base import OptState, Params
-from kopt.keras_weights import from_keras_weights
+from kopt.keras_weights import WeightSpec, from_keras_weights, max_weights_per_leaf, weight_specs
 from kopt.optimizers import Optimizer
 from kopt.serialization import deserialize
 
-__all__ = ["load_keras_optimizer"]
+__all__ = ["KerasFileError", "load_keras_optimizer"]
+
+#: ``model.weights.h5`` may declare at most ``WEIGHTS_FACTOR`` times the bytes its weights need at 8
+#: bytes (float64) an element (the params and up to ``max_weights_per_leaf(opt)`` optimizer weights per
+#: param, e.g. 3 for Adam), plus ``DATASET_ALLOWANCE`` of HDF5 metadata per such weight and ``WEIGHTS_BASE``.
+#: The factor leaves room for non-trainable weights (batch-norm statistics) and metrics.
+WEIGHTS_FACTOR = 4
+DATASET_ALLOWANCE = 4 << 10
+WEIGHTS_BASE = 256 << 10
+
+
+class KerasFileError(ValueError):
+    """A Keras model file kopt refuses: unreadable, damaged, hostile, or not holding what ``params`` need.
+
+    The message names the file, the member or dataset, and what differs
+    from what was expected.
+    """
 
 
 def _h5py():
@@ -54,38 +84,162 @@ def _h5py():
     return h5py
 
 
-def _optimizer_config(config: Any, path: str) -> dict[str, Any]:
+@contextlib.contextmanager
+def _reading(path: str, what: str) -> Iterator[None]:
+    """Any failure while reading ``what`` (h5py's OSError or KeyError, zipfile's, json's ...) as a KerasFileError."""
+    try:
+        yield
+    except KerasFileError:
+        raise
+    except ValueError as error:
+        raise KerasFileError(f"{path}: {what}: {error}") from error
+    except Exception as error:  # untrusted bytes make h5py, zipfile and zlib raise all kinds of errors
+        raise KerasFileError(f"{path}: {what}: unreadable ({type(error).__name__}: {error})") from error
+
+
+def weights_member_limit(opt: Optimizer, params: Params) -> int:
+    """The most bytes the ``model.weights.h5`` member of a ``.keras`` file may declare for ``opt`` and ``params``."""
+    leaves = jax.tree.leaves(params)
+    per_leaf = 1 + max_weights_per_leaf(opt)  # the param itself, then its optimizer weights
+    elements = sum(math.prod(np.shape(leaf)) for leaf in leaves)
+    return WEIGHTS_FACTOR * 8 * elements * per_leaf + DATASET_ALLOWANCE * len(leaves) * per_leaf + WEIGHTS_BASE
+
+
+# --------------------------------------------------------------------------- HDF5, checked before reading
+
+
+def _child(group: Any, name: str) -> Any:
+    """``group[name]``, following hard links only (a soft or external link may lead anywhere, other files too)."""
+    h5py = _h5py()
+    for part in name.split("/"):
+        if part in ("", "."):
+            raise ValueError(f"{name!r} is not a plain path below {group.name!r}")
+        link = group.get(part, getlink=True)
+        if link is None:
+            raise ValueError(f"{group.name!r} has no member {part!r}")
+        if not isinstance(link, h5py.HardLink):
+            raise ValueError(f"{group.name!r} member {part!r} is a {type(link).__name__}; only hard links are read")
+        group = group[part]
+    return group
+
+
+def _string_attribute(obj: Any, name: str, max_bytes: int) -> str | None:
+    """The scalar string attribute ``name`` of ``obj`` (None if absent), refused past ``max_bytes``."""
+    h5py = _h5py()
+    if name not in obj.attrs:
+        return None
+    attribute = obj.attrs.get_id(name)
+    if h5py.check_string_dtype(attribute.dtype) is None or attribute.shape not in ((), (1,)):
+        raise ValueError(f"attribute {name!r} is {attribute.dtype}{list(attribute.shape)}, expected a string")
+    if attribute.get_storage_size() > max_bytes:  # fixed-length strings: the size is known before reading
+        raise ValueError(f"attribute {name!r} holds {attribute.get_storage_size()} bytes, more than {max_bytes}")
+    value = np.asarray(obj.attrs[name]).reshape(()).item()
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _string_list_attribute(obj: Any, name: str, max_count: int) -> list[str]:
+    """The 1-d string attribute ``name`` of ``obj`` (Keras' ``weight_names``), at most ``max_count`` long."""
+    h5py = _h5py()
+    attribute = obj.attrs.get_id(name) if name in obj.attrs else None
+    if attribute is None:
+        raise ValueError(f"attribute {name!r} is missing")
+    if h5py.check_string_dtype(attribute.dtype) is None or len(attribute.shape) != 1:
+        raise ValueError(f"attribute {name!r} is {attribute.dtype}{list(attribute.shape)}, expected strings")
+    if attribute.shape[0] > max_count:
+        raise ValueError(f"attribute {name!r} lists {attribute.shape[0]} weights, more than the {max_count} expected")
+    return [item.decode("utf-8") if isinstance(item, bytes) else str(item) for item in obj.attrs[name]]
+
+
+def _checked_dataset(dataset: Any, index: int, spec: WeightSpec) -> np.ndarray:
+    """The data of ``dataset``, saved weight ``index``, once its metadata matches ``spec``."""
+    h5py = _h5py()
+    if not isinstance(dataset, h5py.Dataset):
+        raise ValueError(f"weights[{index}] ({spec.what}) is a {type(dataset).__name__}, not a dataset")
+    # Storage that lives elsewhere (other files) or that HDF5 assembles through filters is never read.
+    if dataset.is_virtual or dataset.external:
+        raise ValueError(f"weights[{index}] ({spec.what}) keeps its data in other files; only inline data is read")
+    if dataset.chunks is not None:
+        raise ValueError(f"weights[{index}] ({spec.what}) is chunked or compressed; Keras writes contiguous data")
+    dtype = dataset.dtype
+    plain = dtype.names is None and dtype.subdtype is None and h5py.check_enum_dtype(dtype) is None
+    if not plain or dtype.kind not in spec.kinds or dtype.itemsize > 8:
+        expected = "an integer" if spec.kinds == "iu" else "a floating"
+        raise ValueError(f"weights[{index}] ({spec.what}) has dtype {dtype}, expected {expected} dtype")
+    if dataset.shape != spec.shape:
+        raise ValueError(f"weights[{index}] ({spec.what}) has shape {dataset.shape}, expected {spec.shape}")
+    return np.asarray(dataset[()])
+
+
+def _read_weights(path: str, group: Any, names: list[str], opt: Optimizer, params: Params) -> list[np.ndarray]:
+    """The weights ``names`` below ``group``, each checked against what ``opt`` and ``params`` expect."""
+    with _reading(path, f"group {group.name!r}"):
+        specs = weight_specs(opt, params, len(names))
+    arrays = []
+    for index, (name, spec) in enumerate(zip(names, specs, strict=True)):
+        with _reading(path, f"dataset {group.name.rstrip('/') + '/' + name!r}"):
+            arrays.append(_checked_dataset(_child(group, name), index, spec))
+    return arrays
+
+
+# --------------------------------------------------------------------------- the two formats
+
+
+def _optimizer(config: Any, path: str) -> Optimizer:
     if not isinstance(config, Mapping) or "class_name" not in config:
-        raise ValueError(f"{path}: the model was saved without an optimizer (compile the model before saving)")
-    return dict(config)
+        raise KerasFileError(f"{path}: the model was saved without an optimizer (compile the model before saving)")
+    try:
+        return deserialize(dict(config))
+    except ValueError as error:
+        raise KerasFileError(f"{path}: {error}") from None
 
 
-def _read_h5(path: str) -> tuple[dict[str, Any], list[np.ndarray] | None]:
+def _read_h5(path: str, params: Params) -> tuple[Optimizer, list[np.ndarray] | None]:
     h5py = _h5py()
-    with h5py.File(path, "r") as file:
-        raw = file.attrs.get("training_config")
-        if raw is None:
-            raise ValueError(f"{path}: the model was saved without a training config (compile it before saving)")
-        training = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
-        config = _optimizer_config(training.get("optimizer_config"), path)
+    with _reading(path, "HDF5 file"):
+        file = h5py.File(path, "r")
+    with file:
+        with _reading(path, "attribute 'training_config'"):
+            raw = _string_attribute(file, "training_config", file_safety.json_limit(len(jax.tree.leaves(params))))
+            if raw is None:
+                raise KerasFileError(
+                    f"{path}: the model was saved without a training config (compile it before saving)"
+                )
+            training = file_safety.load_json(raw, file_safety.json_limit(len(jax.tree.leaves(params))))
+            if not isinstance(training, dict):
+                raise ValueError(f"is a JSON {type(training).__name__}, expected an object")
+        opt = _optimizer(training.get("optimizer_config"), path)
         if "optimizer_weights" not in file:
-            return config, None
-        group = file["optimizer_weights"]
-        names = [name.decode() if isinstance(name, bytes) else str(name) for name in group.attrs["weight_names"]]
-        return config, [np.asarray(group[name][()]) for name in names]
+            return opt, None
+        with _reading(path, "group 'optimizer_weights'"):
+            group = _child(file, "optimizer_weights")
+            # Never more names than the largest layout holds: the list is read before it is checked.
+            most = max_weights_per_leaf(opt) * max(len(jax.tree.leaves(params)), 1)
+            names = _string_list_attribute(group, "weight_names", most)
+        return opt, _read_weights(path, group, names, opt, params)
 
 
-def _read_keras(path: str) -> tuple[dict[str, Any], list[np.ndarray] | None]:
+def _read_keras(path: str, params: Params) -> tuple[Optimizer, list[np.ndarray] | None]:
     h5py = _h5py()
-    with zipfile.ZipFile(path) as archive:
-        model = json.loads(archive.read("config.json"))
-        config = _optimizer_config((model.get("compile_config") or {}).get("optimizer"), path)
-        weights = archive.read("model.weights.h5")
-    with h5py.File(io.BytesIO(weights), "r") as file:
-        group = file.get("optimizer/vars")
-        if group is None or not len(group):
-            return config, None
-        return config, [np.asarray(group[str(index)][()]) for index in range(len(group))]
+    with _reading(path, "zip archive"):
+        archive = file_safety.open_zip(path)
+    with archive:
+        with _reading(path, "member 'config.json'"):
+            limit = file_safety.json_limit(len(jax.tree.leaves(params)))
+            model = file_safety.load_json(file_safety.read_member(archive, "config.json", limit), limit)
+            compiled = model.get("compile_config") if isinstance(model, dict) else None
+            if not isinstance(compiled, (dict, type(None))):
+                raise ValueError(f"compile_config is a JSON {type(compiled).__name__}, expected an object")
+        opt = _optimizer((compiled or {}).get("optimizer"), path)
+        with _reading(path, "member 'model.weights.h5'"):
+            weights = file_safety.read_member(archive, "model.weights.h5", weights_member_limit(opt, params))
+    with _reading(path, "member 'model.weights.h5'"):
+        file = h5py.File(io.BytesIO(weights), "r")
+    with file:
+        with _reading(path, "group 'optimizer/vars'"):
+            group = _child(file, "optimizer/vars") if "optimizer" in file else None
+            if group is None or not len(group):
+                return opt, None
+        return opt, _read_weights(path, group, [str(index) for index in range(len(group))], opt, params)
 
 
 def load_keras_optimizer(
@@ -96,26 +250,36 @@ def load_keras_optimizer(
     ``path`` is a ``model.save(...)`` file: HDF5 (``.h5``) or the zip format
     (``.keras``), told apart by content. ``params`` are the model's trainable
     weights in ``model.trainable_weights`` order (a list does it); the state is
-    :func:`kopt.from_keras_weights` of the saved optimizer weights, so a wrong
-    count or shape is a ``ValueError`` naming what differs. The optimizer is
+    :func:`kopt.from_keras_weights` of the saved optimizer weights. The optimizer is
     :func:`kopt.deserialize` of the saved config (TensorFlow's meaning of every
-    key); an optimizer kopt does not know is a ``ValueError`` naming it.
-    ``m_schedule`` is passed on for a Nadam whose file lacks it.
+    key). ``m_schedule`` is passed on for a Nadam whose file lacks it.
+
+    The file may come from a stranger: reading it never runs code, never
+    follows an HDF5 link or reads data kept in another file, and never
+    allocates more than the params need times a stated factor; every weight's
+    shape and dtype (floating slots, an integer step count) is compared with
+    what ``params`` and the optimizer need before it is read
+    (``docs/threat_model.md``). Anything wrong with the file (unreadable,
+    damaged, an unknown optimizer, a weight count, shape or dtype that does
+    not fit ``params``) is a :class:`KerasFileError`, a ``ValueError`` naming
+    the file, the member or dataset and what differs. A missing file is
+    ``FileNotFoundError``.
 
     Example:
         >>> params = [w.numpy() for w in model.trainable_weights]  # doctest: +SKIP
         >>> opt, state = kopt.load_keras_optimizer("m.h5", params)  # doctest: +SKIP
     """
     path = os.fspath(path)
-    reader = _read_keras if zipfile.is_zipfile(path) else _read_h5
-    config, weights = reader(path)
     try:
-        opt = deserialize(config)
+        file_safety.regular_file_size(path)  # a missing file stays FileNotFoundError
     except ValueError as error:
-        raise ValueError(f"{path}: {error}") from None
+        raise KerasFileError(f"{path}: {error}") from None
+    with _reading(path, "file"):
+        reader = _read_keras if zipfile.is_zipfile(path) else _read_h5
+    opt, weights = reader(path, params)
     if weights is None:
         warnings.warn(
-            f"{path} holds no optimizer state ({config['class_name']} in this format is saved without it): "
+            f"{path} holds no optimizer state ({opt.class_name} in this format is saved without it): "
             "the optimizer starts at step 0, as tf_keras.models.load_model does",
             UserWarning,
             stacklevel=2,
@@ -125,4 +289,4 @@ def load_keras_optimizer(
         nadam = {"m_schedule": m_schedule} if opt.class_name == "Nadam" and opt.flavor == "tf_keras" else {}
         return opt, from_keras_weights(opt, params, weights, **nadam)
     except ValueError as error:
-        raise ValueError(f"{path}: {error}") from None
+        raise KerasFileError(f"{path}: {error}") from None

@@ -189,6 +189,60 @@ def _describe(layout: Layout, n: int) -> str:
     return f"{len(_entries(layout, n))} weights [{', '.join(parts)}]{note}"
 
 
+def _entries_for(opt: Any, n: int, count: int) -> list[_Entry]:
+    """The entries of ``opt``'s layout with ``count`` weights for ``n`` params; ``ValueError`` naming them if none."""
+    layouts = _layouts(opt)
+    matching = [layout for layout in layouts.values() if len(_entries(layout, n)) == count]
+    if matching:
+        return _entries(matching[0], n)
+    hint = ""
+    if not count and n:
+        hint = " (Keras returns [] before the optimizer's first step: start from opt.init(params) instead)"
+    elif len(layouts) == 1 and count == len(_entries(_keras_layout(opt.class_name, opt.config), n)):
+        hint = f" (Keras 2.2.4's layout: read it with kopt.{opt.class_name} instead)"
+    expected = " or ".join(f"{_describe(layout, n)} ({name})" for name, layout in layouts.items())
+    raise ValueError(f"{opt!r} with {n} parameter arrays expects {expected}, got {count} weights{hint}")
+
+
+def max_weights_per_leaf(opt: Optimizer) -> int:
+    """The most saved weights any layout of ``opt`` holds for one parameter array (its scalars included)."""
+    return max(len(_entries(layout, 1)) for layout in _layouts(opt).values())
+
+
+class WeightSpec(NamedTuple):
+    """What saved weight ``j`` must be, known before it is read: ``shape`` and NumPy dtype ``kinds``.
+
+    ``what`` names it (``"iterations"``, ``"m for params[0]"``); ``kinds`` is
+    ``"iu"`` for the step counter (an integer) and ``"f"`` for slots and
+    Nadam's momentum product (floating).
+    """
+
+    what: str
+    shape: tuple[int, ...]
+    kinds: str
+
+
+def weight_specs(opt: Optimizer, params: Params, count: int) -> list[WeightSpec]:
+    """The shape and dtype kinds of each of ``count`` saved weights of ``opt`` for ``params``.
+
+    What :func:`from_keras_weights` will accept, for readers of untrusted
+    files that check each weight before reading it. Raises the same
+    ``ValueError`` as :func:`from_keras_weights` when no layout of ``opt``
+    has ``count`` weights.
+    """
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    specs = []
+    for entry in _entries_for(opt, len(flat), count):
+        if entry.leaf is None:
+            specs.append(WeightSpec(entry.name, (), "iu" if entry.name == "iterations" else "f"))
+        elif entry.placeholder:
+            specs.append(WeightSpec(f"{entry.name} placeholder", (1,), "f"))
+        else:
+            path, leaf = flat[entry.leaf]
+            specs.append(WeightSpec(f"{entry.name} for params{jax.tree_util.keystr(path)}", np.shape(leaf), "f"))
+    return specs
+
+
 _INT32_MAX = int(np.iinfo(np.int32).max)  # kopt counts steps in int32
 
 
@@ -265,23 +319,13 @@ def from_keras_weights(
         >>> state = from_keras_weights(kopt.RMSprop(decay=1e-4), [kernel, bias],
         ...                            keras_opt.get_weights(), iterations=1200)  # doctest: +SKIP
     """
-    layouts = _layouts(opt)
     if not isinstance(weights, (list, tuple)):
         raise ValueError(f"weights must be the list Keras' get_weights() returns, got {type(weights).__name__}")
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     paths = [jax.tree_util.keystr(path) for path, _ in flat]
     shapes = [tuple(np.shape(leaf)) for _, leaf in flat]
     n = len(flat)
-    matching = [layout for layout in layouts.values() if len(_entries(layout, n)) == len(weights)]
-    if not matching:
-        hint = ""
-        if not weights and n:
-            hint = " (Keras returns [] before the optimizer's first step: start from opt.init(params) instead)"
-        elif len(layouts) == 1 and len(weights) == len(_entries(_keras_layout(opt.class_name, opt.config), n)):
-            hint = f" (Keras 2.2.4's layout: read it with kopt.{opt.class_name} instead)"
-        expected = " or ".join(f"{_describe(layout, n)} ({name})" for name, layout in layouts.items())
-        raise ValueError(f"{opt!r} with {n} parameter arrays expects {expected}, got {len(weights)} weights{hint}")
-    entries = _entries(matching[0], n)
+    entries = _entries_for(opt, n, len(weights))
 
     arrays = []
     for index, weight in enumerate(weights):

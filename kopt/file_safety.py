@@ -1,0 +1,133 @@
+"""Reading files from strangers: bounded JSON, bounded zip members, no special files.
+
+The one place that knows how kopt reads untrusted bytes; :mod:`kopt.checkpoint`
+and :mod:`kopt.keras_files` use it, and ``docs/threat_model.md`` states what it
+promises. Every check runs *before* the bytes it guards are read, so a file
+that declares more than its reader needs is refused at the cost of reading its
+metadata, not its data. The helpers raise plain ``ValueError`` saying what
+differs; the callers prefix the file's path and raise their own documented
+subclass (:class:`kopt.CheckpointCorruptedError`, :class:`kopt.KerasFileError`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+import zipfile
+from typing import Any
+
+import numpy as np
+
+#: Deepest JSON nesting accepted (arrays and objects). tf_keras' saved configs nest 7 levels; kopt's
+#: checkpoint headers 6. Far below Python's recursion limit, so no parser or walker can overflow.
+MAX_DEPTH = 64
+
+#: JSON text allowed for a file whose params have ``n`` leaves: ``JSON_BASE + JSON_PER_LEAF * n`` bytes.
+#: A Keras model config grows with its layers (a few KiB each), a checkpoint header with its leaves
+#: (about 100 bytes of path, shape and dtype each).
+JSON_BASE = 256 << 10
+JSON_PER_LEAF = 4 << 10
+
+#: Compression methods read from zip archives: the two ``zipfile`` implements without extra libraries,
+#: and whose output is bounded by what is read (``ZIP_DEFLATED`` expands at most ~1000x per input byte).
+_METHODS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflated"}
+
+_CHUNK = 1 << 20
+
+# A JSON string, or an unterminated one up to the end of the text (so that no quote is scanned twice:
+# linear time whatever the text), and any run of characters that are not brackets.
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)', re.DOTALL)
+_NOT_BRACKETS = bytes(set(range(256)) - set(b"[]{}"))
+_STEP = np.zeros(256, np.int8)
+_STEP[list(b"[{")], _STEP[list(b"]}")] = 1, -1
+
+
+def json_limit(leaves: int) -> int:
+    """The most bytes of JSON a reader accepts for params with ``leaves`` leaves."""
+    return JSON_BASE + JSON_PER_LEAF * leaves
+
+
+def regular_file_size(path: str) -> int:
+    """The size of ``path``, which must be a regular file (a FIFO or device would block or never end).
+
+    A missing file stays ``FileNotFoundError``: the caller named it, the file did not.
+    """
+    info = os.stat(path)
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError("not a regular file (a folder, FIFO, socket or device)")
+    return info.st_size
+
+
+def check_json_depth(text: str, limit: int = MAX_DEPTH) -> None:
+    """Raises ``ValueError`` if ``text`` nests arrays/objects deeper than ``limit``.
+
+    Strings are cut out and the brackets left are summed, all in C loops
+    (a regex substitution, ``bytes.translate``, a cumulative sum): linear time, without
+    recursion, cheaper than parsing. Text that is not JSON may pass;
+    ``json.loads`` then refuses it, and can no longer recurse deeply.
+    """
+    brackets = _STRING.sub("", text).encode("utf-8", "replace").translate(None, _NOT_BRACKETS)
+    depth = int(np.cumsum(_STEP[np.frombuffer(brackets, np.uint8)], dtype=np.int32).max(initial=0))
+    if depth > limit:
+        raise ValueError(f"JSON nested {depth} levels deep, more than the {limit} allowed")
+
+
+def load_json(data: bytes | bytearray | str, max_bytes: int) -> Any:
+    """``json.loads(data)`` after checking its size and nesting depth; every failure a ``ValueError``.
+
+    ``NaN`` / ``Infinity`` and numbers beyond float range (``1e999`` is ``inf``)
+    parse as floats: the optimizer's own checks refuse them where a finite
+    number is required. Integers of more than 4300 digits are refused by
+    Python itself (a ``ValueError``), before their quadratic conversion.
+    """
+    if len(data) > max_bytes:
+        raise ValueError(f"JSON of {len(data)} bytes, more than the {max_bytes} allowed")
+    text = data if isinstance(data, str) else bytes(data).decode("utf-8")  # UnicodeDecodeError is a ValueError
+    check_json_depth(text)
+    return json.loads(text)
+
+
+def open_zip(path: str) -> zipfile.ZipFile:
+    """The archive at ``path``, with each member name present once (a repeated name is two different files)."""
+    archive = zipfile.ZipFile(path)
+    names = archive.namelist()
+    if len(set(names)) != len(names):
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        archive.close()
+        raise ValueError(f"member(s) {', '.join(map(repr, repeated))} appear more than once")
+    return archive
+
+
+def read_member(archive: zipfile.ZipFile, name: str, max_bytes: int) -> bytearray:
+    """The bytes of member ``name``, refused before reading if it declares more than ``max_bytes``.
+
+    The declared (uncompressed) size is checked first, then exactly that
+    many bytes are read into one buffer: ``zipfile`` never returns more than
+    a member declares, and checks its CRC at the end. Encrypted members and
+    compression methods other than stored/deflated are refused. Messages
+    do not repeat ``name``: the caller says which file and member it read.
+    """
+    try:
+        info = archive.getinfo(name)
+    except KeyError:
+        raise ValueError("missing from the archive") from None
+    if info.flag_bits & 0x1:
+        raise ValueError("encrypted")
+    if info.compress_type not in _METHODS:
+        raise ValueError(f"compression method {info.compress_type}; only stored (0) or deflated (8) are read")
+    if info.file_size > max_bytes:
+        raise ValueError(f"declares {info.file_size} bytes, more than the {max_bytes} expected")
+    buffer = bytearray(info.file_size)  # writable, so arrays viewing it are too
+    view, filled = memoryview(buffer), 0
+    with archive.open(info) as member:
+        while filled < len(buffer):
+            # In slices: zipfile's readinto reads into a temporary bytes object of the slice's size first.
+            count = member.readinto(view[filled : filled + _CHUNK])
+            if not count:
+                raise ValueError(f"ends after {filled} of the {len(buffer)} bytes it declares")
+            filled += count
+        if member.read(1):  # pragma: no cover - zipfile stops at the declared size
+            raise ValueError(f"holds more than the {len(buffer)} bytes it declares")
+    return buffer
