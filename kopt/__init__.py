@@ -12,7 +12,7 @@ from kopt.base import EmptyState, GradientTransformation, apply_updates, chain, 
 from kopt.checkpoint import CheckpointCorruptedError, load_state, read_checkpoint_header, save_state
 from kopt.clipping import ClipState, clip_by_global_norm, clip_by_norm, clip_by_value
 from kopt.groups import MaskedState, PartitionState, masked, partition
-from kopt.keras_files import load_keras_optimizer
+from kopt.keras_files import KerasFileError, load_keras_optimizer
 from kopt.keras_weights import from_keras_weights, to_keras_weights
 from kopt.optimizers import SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, Nadam, Optimizer, RMSprop
 from kopt.packing import PackedArrays, PackedState, packed
@@ -140,6 +140,7 @@ __all__ = [
     "from_keras_weights",
     "to_keras_weights",
     "load_keras_optimizer",
+    "KerasFileError",
     # state types
     "ClipState",
     "ScaleByLearningRateState",

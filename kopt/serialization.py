@@ -16,11 +16,15 @@ building an optimizer from one never runs code.
 from __future__ import annotations
 
 import inspect
+import numbers
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+
 from kopt import schedules, tf_keras
 from kopt.base import GradientTransformation, OptState
+from kopt.file_safety import MAX_DEPTH
 from kopt.optimizers import SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, Nadam, Optimizer, RMSprop
 from kopt.state import get_hyperparams
 
@@ -182,6 +186,42 @@ def config_flavor(config: Mapping[str, Any]) -> str:
     return tf_keras.KERAS
 
 
+#: The widest integer a config may hold (step counts, ``decay_steps``): larger ones are refused before
+#: anything formats them (Python refuses to print integers of more than 4300 digits).
+_MAX_INT_BITS = 64
+
+
+def _check_plain_data(config: Any) -> None:
+    """Refuses what no optimizer config holds, naming where: nesting deeper than ``MAX_DEPTH``, keys that
+    are not strings, values other than JSON's (numbers, bools, strings, None, lists, dicts) and integers
+    wider than 64 bits. Iterative, so a config nested 100000 deep costs ``MAX_DEPTH`` steps, not the stack."""
+
+    def where(keys: tuple[Any, ...]) -> str:  # formatted on refusal only; at most MAX_DEPTH keys
+        return "config" + "".join(f"[{key!r}]" for key in keys)
+
+    stack: list[tuple[Any, tuple[Any, ...]]] = [(config, ())]
+    while stack:
+        value, keys = stack.pop()
+        if isinstance(value, (Mapping, list, tuple)):
+            if len(keys) >= MAX_DEPTH:
+                raise ValueError(f"{where(keys)} nests deeper than {MAX_DEPTH} levels; optimizer configs nest a few")
+            items = value.items() if isinstance(value, Mapping) else enumerate(value)
+            for key, item in items:
+                if isinstance(value, Mapping) and not isinstance(key, str):
+                    raise ValueError(f"{where(keys)} has a key of type {type(key).__name__}; keys are strings")
+                stack.append((item, (*keys, key)))
+        elif value is None or isinstance(value, (str, bool, np.bool_)):
+            continue
+        elif isinstance(value, numbers.Integral):
+            if int(value).bit_length() > _MAX_INT_BITS:
+                raise ValueError(f"{where(keys)} is an integer of {int(value).bit_length()} bits, more than 64")
+        elif not isinstance(value, numbers.Real):
+            raise ValueError(
+                f"{where(keys)} is a {type(value).__name__}; "
+                "configs hold only numbers, bools, strings, None, lists and dicts"
+            )
+
+
 def deserialize(config: Mapping[str, Any], *, flavor: str | None = None) -> Optimizer:
     """Builds the optimizer a config describes: kopt's, Keras 2.2.4's or TensorFlow's.
 
@@ -198,11 +238,21 @@ def deserialize(config: Mapping[str, Any], *, flavor: str | None = None) -> Opti
     learning rate inside an optimizer config, or alone) gives the schedule
     (:func:`kopt.schedules.from_config`).
 
+    Configs may come from strangers (a file's JSON): building from one never
+    runs code, and a hostile config is a ``ValueError`` naming the key before
+    anything else reads it: nesting deeper than 64 levels, keys that are not
+    strings, values other than numbers, bools, strings, None, lists and dicts,
+    integers wider than 64 bits, a ``module`` / ``registered_name`` / ``name``
+    that is not a string, an ``is_legacy_optimizer`` that is not a bool; then
+    unknown keys, and wrong types or non-finite values for hyperparameters
+    (``docs/threat_model.md``).
+
     Example:
         >>> import kopt
         >>> kopt.deserialize({"class_name": "adagrad", "config": {"name": "Adagrad"}}).config["learning_rate"]
         0.001
     """
+    _check_plain_data(config)
     if (
         not isinstance(config, Mapping)
         or not {"class_name", "config"} <= set(config)
@@ -212,10 +262,20 @@ def deserialize(config: Mapping[str, Any], *, flavor: str | None = None) -> Opti
             f"Improper config format: {config!r}; expected a dict with the keys 'class_name' and 'config' "
             "(and, as TensorFlow writes them, optionally 'module' and 'registered_name')"
         )
+    for key in ("module", "registered_name"):
+        if not isinstance(config.get(key), (str, type(None))):
+            raise ValueError(f"config[{key!r}] must be a string or None, got {config[key]!r}")
+    arguments = config["config"]
+    if isinstance(arguments, Mapping) and not isinstance(arguments.get("name", ""), str):
+        raise ValueError(f"config['config']['name'] must be a string, got {arguments['name']!r}")
+    if isinstance(arguments, Mapping) and not isinstance(arguments.get("is_legacy_optimizer", True), (bool, np.bool_)):
+        raise ValueError(
+            f"config['config']['is_legacy_optimizer'] must be True or False, got {arguments['is_legacy_optimizer']!r}"
+        )
     flavor = config_flavor(config) if flavor is None else flavor
     if flavor not in tf_keras.FLAVORS:
         raise ValueError(f"flavor must be one of {', '.join(map(repr, tf_keras.FLAVORS))}, got {flavor!r}")
-    class_name, arguments = config["class_name"], config["config"]
+    class_name = config["class_name"]
     if not isinstance(arguments, Mapping):
         raise ValueError(f"the 'config' of {class_name} must be a dict, got {type(arguments).__name__}")
     if flavor != tf_keras.KERAS:
