@@ -322,8 +322,8 @@ def _parse_header(archive: zipfile.ZipFile, path: str, leaves: int) -> dict[str,
     try:
         raw = _read_npy(archive, _HEADER + ".npy", np.dtype(np.uint8), limit)
         header = file_safety.load_json(raw.tobytes(), limit)
-    except ValueError as error:
-        raise _corrupted(path, f"member {_HEADER + '.npy'!r}: {error}") from None
+    except Exception as error:  # NumPy's .npy header parser raises SyntaxError and tokenizer errors too
+        raise _corrupted(path, f"member {_HEADER + '.npy'!r}: {error}") from error
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise _corrupted(path, "header does not name the kopt-checkpoint format")
     version = header.get("format_version")
@@ -388,8 +388,8 @@ def _read_leaves(archive: zipfile.ZipFile, header: dict[str, Any], path: str) ->
     for index, record in enumerate(records):
         try:
             array = _read_npy(archive, f"leaf_{index}.npy", _resolve_dtype(record["stored_as"]), tuple(record["shape"]))
-        except ValueError as error:
-            raise _corrupted(path, f"member 'leaf_{index}.npy' (leaf {record['path']}): {error}") from None
+        except Exception as error:  # NumPy's .npy header parser raises SyntaxError and tokenizer errors too
+            raise _corrupted(path, f"member 'leaf_{index}.npy' (leaf {record['path']}): {error}") from error
         stored.append(array)
     if _digest(records, stored) != header["sha256"]:
         raise _corrupted(path, "SHA-256 checksum mismatch")
