@@ -29,8 +29,17 @@ uncompressed zip written by ``np.savez``) with the members
 Dtypes NumPy cannot store natively (``bfloat16``, the float8 types, ...) are
 stored as unsigned integers of the same width (``stored_as``, e.g.
 ``"uint16"``) and viewed back, so every bit survives. ``sha256`` covers, leaf
-after leaf, the path, dtype, shape and stored bytes. Loading uses
-``np.load(allow_pickle=False)`` and ``json``: reading a file never runs code.
+after leaf, the path, dtype, shape and stored bytes.
+
+**Reading files from strangers** (``docs/threat_model.md``). Loading uses
+``zipfile``, NumPy's ``.npy`` header parser and ``json``: reading a file never
+runs code (no pickle, no object dtype). Each member is checked before it is
+read: only ``header.npy`` and ``leaf_<i>.npy`` (once each), stored or
+deflated, unencrypted; the header may declare at most
+:func:`kopt.file_safety.json_limit` bytes of JSON nested at most 64 deep, and
+each leaf member at most its header record's bytes plus 64 KiB, with a
+``.npy`` header that must give the recorded dtype and shape; nothing else is
+allocated.
 
 **Atomic writes.** The file is written to a temporary file in the same folder
 (``.<name>.<random>.tmp``), flushed and ``fsync``-ed, renamed over ``path``
@@ -443,7 +452,11 @@ def read_checkpoint_header(path: str | os.PathLike[str]) -> dict[str, Any]:
     Reads no leaf data and verifies no checksum (:func:`load_state` does).
     Useful to rebuild the optimizer before loading:
     ``opt = kopt.deserialize(read_checkpoint_header(path)["config"])``.
-    Raises :class:`CheckpointCorruptedError` for an unreadable file.
+    Raises :class:`CheckpointCorruptedError` for an unreadable file. The file
+    may come from a stranger: the header is read within
+    :func:`kopt.file_safety.json_limit` for the archive's members (a bound
+    checked before reading), never runs code, and every failure is a
+    :class:`CheckpointCorruptedError` naming the file and the member.
     """
     path = os.fspath(path)
     with _checkpoint_archive(path) as archive:
@@ -476,7 +489,12 @@ def load_state(path: str | os.PathLike[str], like: Any, *, config: Any = None) -
     :class:`CheckpointCorruptedError` (a ``ValueError``) for a truncated,
     damaged or foreign file, including any checksum mismatch; it never
     returns numbers other than those saved. A missing file is
-    ``FileNotFoundError``.
+    ``FileNotFoundError``. The file may come from a stranger: every member
+    is checked against what ``like`` needs before it is read (the header
+    within :func:`kopt.file_safety.json_limit` of ``like``'s leaf count,
+    each leaf within its recorded size plus 64 KiB), so memory stays
+    proportional to ``like`` and reading never runs code
+    (``docs/threat_model.md``).
 
     Example:
         >>> import os, tempfile, jax.numpy as jnp, kopt
