@@ -199,18 +199,19 @@ def _read_h5(path: str, params: Params) -> tuple[Optimizer, list[np.ndarray] | N
         file = h5py.File(path, "r")
     with file:
         with _reading(path, "attribute 'training_config'"):
-            raw = _string_attribute(file, "training_config", file_safety.json_limit(len(jax.tree.leaves(params))))
+            limit = file_safety.json_limit(len(jax.tree.leaves(params)))
+            raw = _string_attribute(file, "training_config", limit)
             if raw is None:
                 raise KerasFileError(
                     f"{path}: the model was saved without a training config (compile it before saving)"
                 )
-            training = file_safety.load_json(raw, file_safety.json_limit(len(jax.tree.leaves(params))))
+            training = file_safety.load_json(raw, limit)
             if not isinstance(training, dict):
                 raise ValueError(f"is a JSON {type(training).__name__}, expected an object")
         opt = _optimizer(training.get("optimizer_config"), path)
-        if "optimizer_weights" not in file:
-            return opt, None
         with _reading(path, "group 'optimizer_weights'"):
+            if "optimizer_weights" not in file:  # even this reads the file's (untrusted) B-trees
+                return opt, None
             group = _child(file, "optimizer_weights")
             # Never more names than the largest layout holds: the list is read before it is checked.
             most = max_weights_per_leaf(opt) * max(len(jax.tree.leaves(params)), 1)
@@ -237,9 +238,10 @@ def _read_keras(path: str, params: Params) -> tuple[Optimizer, list[np.ndarray] 
     with file:
         with _reading(path, "group 'optimizer/vars'"):
             group = _child(file, "optimizer/vars") if "optimizer" in file else None
-            if group is None or not len(group):
-                return opt, None
-        return opt, _read_weights(path, group, [str(index) for index in range(len(group))], opt, params)
+            names = [str(index) for index in range(len(group))] if group is not None else []
+        if not names:
+            return opt, None
+        return opt, _read_weights(path, group, names, opt, params)
 
 
 def load_keras_optimizer(

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import kopt
@@ -565,6 +565,7 @@ FUZZ = settings(
 
 @FUZZ
 @given(mutation=st.one_of(BYTEWISE, STRUCTURAL))
+@example(mutation=("flip", 136, 1))  # found by this test: a damaged B-tree broke `"optimizer_weights" in file`
 def test_fuzzed_h5_files_load_or_fail_clearly(tmp_path_factory, mutation):
     path = tmp_path_factory.mktemp("h5") / "m.h5"
     if mutation[0] in ("truncate", "flip", "splice"):
