@@ -186,12 +186,19 @@ def apply_updates(params: Params, updates: Updates) -> Params:
 
     The sum is formed in the wider of the two dtypes and rounded once to the
     param's dtype, so bfloat16 params take float32 updates without a double
-    rounding. ``None`` leaves (in either tree) leave the param as it is.
+    rounding. ``None`` leaves (in either tree) leave the param as it is. A
+    complex update for a real param is a ``TypeError`` (its imaginary part
+    would be dropped).
     """
 
     def add(p, u):
         if p is None or u is None:
             return p
+        if jnp.iscomplexobj(u) and not jnp.iscomplexobj(p):
+            raise TypeError(
+                f"apply_updates: a complex update ({jnp.result_type(u)}) for a real param ({jnp.result_type(p)}) "
+                "would lose its imaginary part; complex updates need complex params"
+            )
         return jnp.asarray(p + u).astype(jnp.result_type(p))
 
     return jax.tree.map(add, params, updates, is_leaf=lambda x: x is None)

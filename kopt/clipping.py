@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from kopt.base import GradientTransformation, expects
 from kopt.packing import refuse_packed
 from kopt.state import current_hyperparams, init_hyperparams
-from kopt.tree import map_arrays, sum_of_squares
+from kopt.tree import check_real, map_arrays, squares, sum_of_squares
 from kopt.validation import check_hyperparam
 
 
@@ -24,11 +24,13 @@ class ClipState(NamedTuple):
     hyperparams: dict[str, jax.Array]
 
 
-def _clip_transform(name: str, value: float, update_with) -> GradientTransformation:
+def _clip_transform(name: str, value: float, update_with, real_only: bool = False) -> GradientTransformation:
     """A stateless-but-for-its-threshold transformation; ``update_with(updates, threshold)``."""
     values = {name: check_hyperparam(name, value)}
 
     def init(params):
+        if real_only:
+            check_real("clip_by_value (clipvalue)", params, "params")
         return ClipState(init_hyperparams(values, params))
 
     @expects(ClipState)
@@ -50,7 +52,9 @@ def _norm_scale(norm: jax.Array, max_norm: jax.Array) -> jax.Array:
 def clip_by_value(max_delta: float) -> GradientTransformation:
     """Clamps every gradient element: ``g <- clip(g, -max_delta, max_delta)``.
 
-    Keras 2's ``clipvalue``. ``max_delta > 0``.
+    Keras 2's ``clipvalue``. ``max_delta > 0``. Complex numbers have no order
+    to clamp in: complex params or gradients are a ``TypeError`` (clip their
+    norm with :func:`clip_by_norm` or :func:`clip_by_global_norm` instead).
 
     Example:
         >>> import jax.numpy as jnp, kopt
@@ -60,10 +64,11 @@ def clip_by_value(max_delta: float) -> GradientTransformation:
     """
 
     def clip(updates, max_delta):
+        check_real("clip_by_value (clipvalue)", updates, "updates")
         (clipped,) = map_arrays(lambda g: (jnp.clip(g, -max_delta, max_delta),), updates)
         return clipped
 
-    return _clip_transform("max_delta", max_delta, clip)
+    return _clip_transform("max_delta", max_delta, clip, real_only=True)
 
 
 def clip_by_global_norm(max_norm: float) -> GradientTransformation:
@@ -102,7 +107,7 @@ def clip_by_norm(max_norm: float) -> GradientTransformation:
     """
 
     def clip_leaf(g, max_norm):
-        norm = jnp.sqrt(jnp.sum(jnp.square(g.astype(max_norm.dtype))))
+        norm = jnp.sqrt(jnp.sum(squares(g, max_norm.dtype)))
         return (_norm_scale(norm, max_norm) * g,)
 
     def clip(updates, max_norm):

@@ -37,6 +37,7 @@ from kopt.transforms import (
     scale_by_rms,
     trace,
 )
+from kopt.tree import rounded_once
 from kopt.validation import check_bool, check_clip_option, check_hyperparam, check_state_dtype, is_concrete
 
 #: Keras 2.2.4's ``K.epsilon()``, the value ``epsilon=None`` resolves to.
@@ -49,8 +50,22 @@ class Optimizer(GradientTransformation):
     """A ``GradientTransformation`` made by a Keras-named constructor.
 
     It is the ``(init, update)`` pair of its chain and nothing else at run
-    time; ``class_name`` and ``config`` (the Keras ``get_config`` dict, with
-    the values given to the constructor) serve :func:`kopt.serialize`.
+    time; ``class_name``, ``config`` (the Keras ``get_config`` dict, with the
+    values given to the constructor) and ``flavor`` serve :func:`kopt.serialize`.
+
+    Like optax's ``GradientTransformation`` it is a pytree whose two children
+    are ``init`` and ``update``; the label (``class_name``, ``config``,
+    ``flavor``) is static data, kept by every tree utility (``jax.tree.map``,
+    ``eqx.filter`` / ``eqx.partition`` / ``eqx.filter_jit``, ``flax.struct``
+    fields), by ``_replace``, ``copy`` and pickling (``init`` and ``update``
+    are closures: ``cloudpickle`` can write them, plain ``pickle`` cannot,
+    as with optax).
+
+    Example:
+        >>> import jax, kopt
+        >>> opt = jax.tree.map(lambda f: f, kopt.Adam(lr=0.1))
+        >>> kopt.serialize(opt)["config"]["lr"]
+        0.1
     """
 
     class_name: str
@@ -64,10 +79,45 @@ class Optimizer(GradientTransformation):
         self.flavor = flavor
         return self
 
+    def _replace(self, **changes: Any) -> Optimizer:
+        return Optimizer(GradientTransformation(*self)._replace(**changes), self.class_name, self.config, self.flavor)
+
+    def __reduce__(self) -> tuple:
+        return Optimizer, (GradientTransformation(*self), self.class_name, self.config, self.flavor)
+
     def __repr__(self) -> str:
         arguments = ", ".join(f"{key}={value!r}" for key, value in self.config.items())
         namespace = "kopt" if self.flavor == "keras" else "kopt.tf_keras"
         return f"{namespace}.{self.class_name}({arguments})"
+
+
+class _Label:
+    """An optimizer's static label in its tree structure: hashable and comparable, as ``jit`` needs."""
+
+    def __init__(self, class_name: str, config: dict[str, Any], flavor: str):
+        self.class_name, self.config, self.flavor = class_name, config, flavor
+
+    def __hash__(self) -> int:  # equal labels have equal keys: a hash of what stays hashable
+        return hash((self.class_name, self.flavor, tuple(self.config)))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, _Label) or (self.class_name, self.flavor) != (other.class_name, other.flavor):
+            return False
+        try:
+            return bool(self.config == other.config)
+        except Exception:  # arrays that cannot be compared to one bool (tracers): not provably equal
+            return False
+
+
+jax.tree_util.register_pytree_with_keys(
+    Optimizer,
+    lambda opt: (
+        ((jax.tree_util.GetAttrKey("init"), opt.init), (jax.tree_util.GetAttrKey("update"), opt.update)),
+        _Label(opt.class_name, opt.config, opt.flavor),
+    ),
+    lambda label, children: Optimizer(GradientTransformation(*children), label.class_name, label.config, label.flavor),
+    flatten_func=lambda opt: ((opt.init, opt.update), _Label(opt.class_name, opt.config, opt.flavor)),
+)
 
 
 def _resolve_lr(lr: LearningRate | None, learning_rate: LearningRate | None, default: float) -> LearningRate:
@@ -116,7 +166,7 @@ def _keras_optimizer(
     given = {name: value for name, value in (("clipnorm", clipnorm), ("clipvalue", clipvalue)) if value is not None}
     if state_dtype is not None:
         config = {**config, "state_dtype": check_state_dtype(state_dtype).name}
-    transform = chain(*clipping, *transforms)
+    transform = rounded_once(chain(*clipping, *transforms))
     if packed is None or check_bool("packed", packed):
         transform, config = packing.packed(transform, auto=packed is None), {**config, "packed": packed}
     return Optimizer(transform, class_name, {**given, **config})

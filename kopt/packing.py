@@ -203,6 +203,13 @@ class Layout:
         (integer gradients, say) is formed in their common dtype."""
         (check_updates if what == "updates" else check_params)(tree)
         leaves = self.leaves_of(tree, what)
+        for index, leaf in enumerate(leaves):  # a buffer of real params would drop the imaginary part
+            if jnp.iscomplexobj(leaf) and not self.buffers[index].startswith("complex"):
+                path = jax.tree_util.keystr(jax.tree_util.tree_flatten_with_path(tree)[0][index][0])
+                raise TypeError(
+                    f"{what}{path} is complex, but its param (given to init) is real: "
+                    "complex gradients need complex params (or take the real part of the gradient)"
+                )
         return PackedArrays(
             {  # a leaf alone stays as it is: no copy, and it keeps its sharding
                 buffer: jnp.asarray(leaves[members[0]])

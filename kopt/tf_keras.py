@@ -61,8 +61,6 @@ import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import jax
-
 from kopt import schedules
 from kopt.base import GradientTransformation, chain
 from kopt.clipping import clip_by_global_norm, clip_by_norm, clip_by_value
@@ -78,6 +76,7 @@ from kopt.transforms import (
     scale_by_rms,
     trace,
 )
+from kopt.tree import rounded_once
 from kopt.validation import as_real, check_bool, check_clip_option, check_hyperparam, is_concrete
 
 __all__ = ["SGD", "RMSprop", "Adagrad", "Adadelta", "Adam", "Adamax", "Nadam", "AdamW", "schedule_from_config"]
@@ -322,22 +321,20 @@ def _optimizer(
             )
         decay = [add_decayed_weights(weight_decay)]
     velocity = [momentum] if momentum else []
-    transform = chain(*_clipping(class_name, options), *scaling, *decay, scale_by_learning_rate(rate), *velocity)
+    transform = rounded_once(
+        chain(*_clipping(class_name, options), *scaling, *decay, scale_by_learning_rate(rate), *velocity)
+    )
     ordered = {"name": options.pop("name"), **{k: v for k, v in options.items() if k != "is_legacy_optimizer"}}
     if not legacy:
         ordered["is_legacy_optimizer"] = False
     return Optimizer(transform, class_name, {**ordered, **config}, LEGACY if legacy else CURRENT)
 
 
-def _structural(name: str, value: Any) -> float | jax.Array:
-    """A hyperparameter that decides the chain's shape (whether TensorFlow keeps a velocity), so it must be known."""
-    value = check_hyperparam(name, value)
-    if not is_concrete(value):
-        raise ValueError(
-            f"{name} decides which slots this TensorFlow optimizer keeps, so it cannot be traced; "
-            f"give it as a number (with optax.inject_hyperparams: static_args=({name!r},))"
-        )
-    return value
+def _keeps_velocity(momentum: Any) -> bool:
+    """Whether TensorFlow keeps a velocity: ``momentum > 0``. A traced momentum (``optax.inject_hyperparams``)
+    is on, as a traced ``clipnorm`` is: inject it only with a value > 0, or give it in ``static_args``."""
+    momentum = check_hyperparam("momentum", momentum)
+    return not is_concrete(momentum) or momentum > 0
 
 
 # --------------------------------------------------------------------------- the optimizers
@@ -357,7 +354,7 @@ def SGD(learning_rate: Any = 0.01, momentum: float = 0.0, nesterov: bool = False
     learning_rate, options = _options("SGD", learning_rate, options)
     config = {"learning_rate": learning_rate, "momentum": momentum, "nesterov": nesterov}
     # The legacy SGD keeps no velocity without momentum; TF >= 2.11's always does (its `m`).
-    keeps_velocity = not options["is_legacy_optimizer"] or _structural("momentum", momentum) > 0
+    keeps_velocity = not options["is_legacy_optimizer"] or _keeps_velocity(momentum)
     velocity = trace(momentum, nesterov) if keeps_velocity else None
     return _optimizer("SGD", config, options, [], momentum=velocity)
 
@@ -384,7 +381,7 @@ def RMSprop(
         >>> opt = kopt.tf_keras.RMSprop(momentum=0.9, centered=True)
     """
     learning_rate, options = _options("RMSprop", learning_rate, options)
-    has_momentum = _structural("momentum", momentum) > 0
+    has_momentum = _keeps_velocity(momentum)
     in_sqrt = has_momentum or not options["is_legacy_optimizer"]
     config = {"learning_rate": learning_rate, "rho": rho, "momentum": momentum, "epsilon": epsilon}
     config["centered"] = centered

@@ -32,7 +32,7 @@ from kopt.base import GradientTransformation, Updates, expects
 from kopt.groups import masked
 from kopt.schedules import Schedule, constant_schedule
 from kopt.state import current_hyperparams, init_hyperparams
-from kopt.tree import hyperparam_dtype, map_arrays, zeros_slots
+from kopt.tree import abs_sq, hyperparam_dtype, map_arrays, zeros_slots
 from kopt.validation import check_bool, check_hyperparam, check_state_dtype
 
 HyperParams = dict[str, jax.Array]
@@ -165,11 +165,11 @@ def _root(x, epsilon, epsilon_in_sqrt):
 
 
 def _rms_array(g, accumulator, mean_grad, rho, epsilon, epsilon_in_sqrt):
-    accumulator = rho * accumulator + (1 - rho) * jnp.square(g)
+    accumulator = rho * accumulator + (1 - rho) * abs_sq(g)
     second_moment = accumulator
     if mean_grad is not None:
         mean_grad = rho * mean_grad + (1 - rho) * g
-        second_moment = accumulator - jnp.square(mean_grad)
+        second_moment = accumulator - abs_sq(mean_grad)
     return g / _root(second_moment, epsilon, epsilon_in_sqrt), accumulator, mean_grad
 
 
@@ -204,7 +204,8 @@ def scale_by_rms(
 
     def init(params):
         mean_grad = zeros_slots(params, state_dtype) if centered else None
-        return ScaleByRmsState(zeros_slots(params, state_dtype), mean_grad, init_hyperparams(values, params))
+        accumulator = zeros_slots(params, state_dtype, real=True)
+        return ScaleByRmsState(accumulator, mean_grad, init_hyperparams(values, params))
 
     @expects(ScaleByRmsState)
     def update(updates, state, params=None, **extra_args):
@@ -228,7 +229,7 @@ class ScaleByAdagradState(NamedTuple):
 
 
 def _adagrad_array(g, accumulator, epsilon, epsilon_in_sqrt):
-    accumulator = accumulator + jnp.square(g)
+    accumulator = accumulator + abs_sq(g)
     return g / _root(accumulator, epsilon, epsilon_in_sqrt), accumulator
 
 
@@ -256,7 +257,7 @@ def scale_by_adagrad(
     epsilon_in_sqrt = check_bool("epsilon_in_sqrt", epsilon_in_sqrt)
 
     def init(params):
-        accumulator = jax.tree.map(lambda zeros: zeros + initial, zeros_slots(params, state_dtype))
+        accumulator = jax.tree.map(lambda zeros: zeros + initial, zeros_slots(params, state_dtype, real=True))
         return ScaleByAdagradState(accumulator, init_hyperparams(values, params))
 
     @expects(ScaleByAdagradState)
@@ -282,9 +283,9 @@ class ScaleByAdadeltaState(NamedTuple):
 
 
 def _adadelta_array(g, accumulator, delta_accumulator, rho, one_minus_rho, epsilon):
-    accumulator = rho * accumulator + one_minus_rho * jnp.square(g)
+    accumulator = rho * accumulator + one_minus_rho * abs_sq(g)
     step = g * jnp.sqrt(delta_accumulator + epsilon) / jnp.sqrt(accumulator + epsilon)
-    delta_accumulator = rho * delta_accumulator + one_minus_rho * jnp.square(step)
+    delta_accumulator = rho * delta_accumulator + one_minus_rho * abs_sq(step)
     return step, accumulator, delta_accumulator
 
 
@@ -305,7 +306,9 @@ def scale_by_adadelta(rho: float = 0.95, epsilon: float = 1e-7, state_dtype: Any
 
     def init(params):
         return ScaleByAdadeltaState(
-            zeros_slots(params, state_dtype), zeros_slots(params, state_dtype), init_hyperparams(values, params)
+            zeros_slots(params, state_dtype, real=True),
+            zeros_slots(params, state_dtype, real=True),
+            init_hyperparams(values, params),
         )
 
     @expects(ScaleByAdadeltaState)
@@ -342,7 +345,7 @@ class ScaleByAdamState(NamedTuple):
 
 def _adam_array(g, m, v, vhat, beta_1, beta_2, epsilon, bias_correction):
     m = beta_1 * m + (1 - beta_1) * g
-    v = beta_2 * v + (1 - beta_2) * jnp.square(g)
+    v = beta_2 * v + (1 - beta_2) * abs_sq(g)
     if vhat is not None:
         vhat = jnp.maximum(vhat, v)
     denominator = jnp.sqrt(v if vhat is None else vhat) + epsilon
@@ -375,11 +378,11 @@ def scale_by_adam(
     amsgrad = check_bool("amsgrad", amsgrad)
 
     def init(params):
-        vhat = zeros_slots(params, state_dtype) if amsgrad else None
+        vhat = zeros_slots(params, state_dtype, real=True) if amsgrad else None
         return ScaleByAdamState(
             _zero_count(),
             zeros_slots(params, state_dtype),
-            zeros_slots(params, state_dtype),
+            zeros_slots(params, state_dtype, real=True),
             vhat,
             init_hyperparams(values, params),
         )
@@ -437,7 +440,7 @@ def scale_by_adamax(
         return ScaleByAdamaxState(
             _zero_count(),
             zeros_slots(params, state_dtype),
-            zeros_slots(params, state_dtype),
+            zeros_slots(params, state_dtype, real=True),
             init_hyperparams(values, params),
         )
 
@@ -481,7 +484,7 @@ def _nadam_array(g, m, v, beta_1, beta_2, epsilon, s: _NadamScalars):
     g_hat = g / (1 - s.m_schedule_new)
     m = beta_1 * m + (1 - beta_1) * g
     m_hat = m / (1 - s.m_schedule_next)
-    v = beta_2 * v + (1 - beta_2) * jnp.square(g)
+    v = beta_2 * v + (1 - beta_2) * abs_sq(g)
     v_hat = v / s.v_correction
     m_bar = (1 - s.mu_t) * g_hat + s.mu_next * m_hat
     return m_bar / (jnp.sqrt(v_hat) + epsilon), m, v
@@ -519,7 +522,7 @@ def scale_by_nadam(
         return ScaleByNadamState(
             _zero_count(),
             zeros_slots(params, state_dtype),
-            zeros_slots(params, state_dtype),
+            zeros_slots(params, state_dtype, real=True),
             m_schedule,
             init_hyperparams(values, params),
         )

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from kopt.base import GradientTransformation, OptState, Params, Updates, accepted_extra_args, expects
-from kopt.tree import all_finite, map_arrays, select, zeros_slots
+from kopt.tree import all_finite, cast_like, map_arrays, select, zeros_slots
 from kopt.validation import check_count
 
 
@@ -93,6 +93,7 @@ def accumulate(inner: GradientTransformation, every_k: int) -> GradientTransform
         _, grad_sum = map_arrays(lambda g, total: (g, total + g), updates, state.grad_sum)
         (mean,) = map_arrays(lambda total: (total / every_k,), grad_sum)
         new_updates, new_inner = inner.update(mean, state.inner_state, params, **keep(extra_args))
+        new_updates = cast_like(new_updates, updates)  # the mean is in the sums' dtype: back to the gradients'
         zeros = jax.tree.map(jnp.zeros_like, new_updates)
         return select(ready, new_updates, zeros), AccumulateState(
             select(ready, new_inner, state.inner_state),

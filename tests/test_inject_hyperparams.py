@@ -152,12 +152,20 @@ class InjectedTransformsMatchSetHyperparams(chex.TestCase):
             chex.assert_trees_all_close(updates, expected, rtol=1e-6, atol=1e-7, custom_message=f"step {step}")
             params = kopt.apply_updates(params, updates)
 
-    def test_a_traced_structural_momentum_is_refused_naming_static_args(self):
-        opt = optax.inject_hyperparams(kopt.tf_keras.SGD)(learning_rate=0.1, momentum=0.9)
+    @parameterized.parameters("SGD", "RMSprop")
+    def test_a_traced_momentum_keeps_tensorflows_velocity(self, name):
+        # Whether TensorFlow keeps a velocity depends on momentum > 0; a traced momentum is on (as a traced clipnorm).
+        factory = getattr(kopt.tf_keras, name)
+        injected = optax.inject_hyperparams(factory)(learning_rate=0.1, momentum=0.9)
+        plain = factory(learning_rate=0.1, momentum=0.9)
         params = make_params(np.float32)
-        state = opt.init(params)  # concrete values: fine
-        with pytest.raises(ValueError, match=r"momentum decides .* static_args=\('momentum',\)"):
-            jax.jit(opt.update)(make_grads(params, 1, 1.0)[0], state, params)
+        state, plain_state = injected.init(params), plain.init(params)
+        for grads in make_grads(params, 3, 1.0):
+            updates, state = jax.jit(injected.update)(grads, state, params)
+            expected, plain_state = plain.update(grads, plain_state, params)
+            chex.assert_trees_all_close(updates, expected, rtol=1e-6, atol=1e-7)
+            params = kopt.apply_updates(params, updates)
+        assert kopt.slot_names(state.inner_state) == kopt.slot_names(plain_state)
 
 
 def test_concrete_arrays_live_in_the_state_like_numbers():
