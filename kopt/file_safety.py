@@ -11,12 +11,16 @@ subclass (:class:`kopt.CheckpointCorruptedError`, :class:`kopt.KerasFileError`).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import struct
 import re
 import stat
 import zipfile
-from typing import Any
+from collections.abc import Iterator
+from typing import IO, Any
 
 import numpy as np
 
@@ -131,3 +135,72 @@ def read_member(archive: zipfile.ZipFile, name: str, max_bytes: int) -> bytearra
         if member.read(1):  # pragma: no cover - zipfile stops at the declared size
             raise ValueError(f"holds more than the {len(buffer)} bytes it declares")
     return buffer
+
+
+class _Window(io.RawIOBase):
+    """Bytes ``[start, start + size)`` of an open file as a read-only, seekable file of their own."""
+
+    def __init__(self, file: IO[bytes], start: int, size: int):
+        super().__init__()
+        self._file, self._start, self._size, self._position = file, start, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._size}[whence]
+        if base + offset < 0:
+            raise ValueError("seek before the start of the member")
+        self._position = base + offset
+        return self._position
+
+    def readinto(self, buffer: Any) -> int:
+        count = max(0, min(len(buffer), self._size - self._position))
+        if not count:
+            return 0
+        self._file.seek(self._start + self._position)
+        count = self._file.readinto(memoryview(buffer)[:count])
+        self._position += count
+        return count
+
+
+_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, 22 bytes we do not need, name and extra lengths
+
+
+@contextlib.contextmanager
+def member_file(path: str, archive: zipfile.ZipFile, name: str, max_bytes: int) -> Iterator[IO[bytes]]:
+    """Member ``name`` of the zip at ``path`` as a seekable file, for a reader that reads only what it needs.
+
+    A stored (uncompressed) member, as Keras writes ``model.weights.h5``, is
+    read in place through a window on the archive file: nothing is loaded, so
+    its size needs no bound (its range must lie inside the file). A deflated
+    member is inflated into memory by :func:`read_member`, refused past
+    ``max_bytes``.
+    """
+    try:
+        info = archive.getinfo(name)
+    except KeyError:
+        raise ValueError("missing from the archive") from None
+    if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
+        yield io.BytesIO(read_member(archive, name, max_bytes))
+        return
+    if info.compress_size != info.file_size:
+        raise ValueError(f"stored, but {info.compress_size} bytes on disk for {info.file_size} declared")
+    with open(path, "rb") as file:
+        file.seek(info.header_offset)
+        header = file.read(_LOCAL_HEADER.size)
+        if len(header) != _LOCAL_HEADER.size:
+            raise ValueError("its local header lies past the end of the archive")
+        signature, name_length, extra_length = _LOCAL_HEADER.unpack(header)
+        if signature != b"PK\x03\x04":
+            raise ValueError("its local header is damaged (no zip signature)")
+        start = info.header_offset + _LOCAL_HEADER.size + name_length + extra_length
+        if start + info.file_size > os.fstat(file.fileno()).st_size:
+            raise ValueError(f"declares {info.file_size} bytes, past the end of the archive")
+        yield io.BufferedReader(_Window(file, start, info.file_size))

@@ -38,7 +38,6 @@ does not depend on it otherwise.
 from __future__ import annotations
 
 import contextlib
-import io
 import math
 import os
 import warnings
@@ -57,10 +56,12 @@ from kopt.serialization import deserialize
 
 __all__ = ["KerasFileError", "load_keras_optimizer"]
 
-#: ``model.weights.h5`` may declare at most ``WEIGHTS_FACTOR`` times the bytes its weights need at 8
-#: bytes (float64) an element (the params and up to ``max_weights_per_leaf(opt)`` optimizer weights per
-#: param, e.g. 3 for Adam), plus ``DATASET_ALLOWANCE`` of HDF5 metadata per such weight and ``WEIGHTS_BASE``.
-#: The factor leaves room for non-trainable weights (batch-norm statistics) and metrics.
+#: A compressed ``model.weights.h5`` (Keras stores it uncompressed, and it is then read in place, unbounded:
+#: nothing is loaded but what HDF5 reads) is inflated into memory, so it may declare at most
+#: ``WEIGHTS_FACTOR`` times the bytes its weights need at 8 bytes (float64) an element (the params and up to
+#: ``max_weights_per_leaf(opt)`` optimizer weights per param, e.g. 3 for Adam), plus ``DATASET_ALLOWANCE``
+#: of HDF5 metadata per such weight and ``WEIGHTS_BASE``. The factor leaves room for non-trainable weights
+#: (batch-norm statistics) and metrics.
 WEIGHTS_FACTOR = 4
 DATASET_ALLOWANCE = 4 << 10
 WEIGHTS_BASE = 256 << 10
@@ -231,17 +232,19 @@ def _read_keras(path: str, params: Params) -> tuple[Optimizer, list[np.ndarray] 
             if not isinstance(compiled, (dict, type(None))):
                 raise ValueError(f"compile_config is a JSON {type(compiled).__name__}, expected an object")
         opt = _optimizer((compiled or {}).get("optimizer"), path)
-        with _reading(path, "member 'model.weights.h5'"):
-            weights = file_safety.read_member(archive, "model.weights.h5", weights_member_limit(opt, params))
-    with _reading(path, "member 'model.weights.h5'"):
-        file = h5py.File(io.BytesIO(weights), "r")
-    with file:
-        with _reading(path, "group 'optimizer/vars'"):
-            group = _child(file, "optimizer/vars") if "optimizer" in file else None
-            names = [str(index) for index in range(len(group))] if group is not None else []
-        if not names:
-            return opt, None
-        return opt, _read_weights(path, group, names, opt, params)
+        member = "member 'model.weights.h5'"
+        with contextlib.ExitStack() as stack:
+            with _reading(path, member):
+                weights = stack.enter_context(
+                    file_safety.member_file(path, archive, "model.weights.h5", weights_member_limit(opt, params))
+                )
+                file = stack.enter_context(h5py.File(weights, "r"))
+            with _reading(path, "group 'optimizer/vars'"):
+                group = _child(file, "optimizer/vars") if "optimizer" in file else None
+                names = [str(index) for index in range(len(group))] if group is not None else []
+            if not names:
+                return opt, None
+            return opt, _read_weights(path, group, names, opt, params)
 
 
 def load_keras_optimizer(

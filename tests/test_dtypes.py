@@ -200,7 +200,7 @@ def test_complex_gradients_for_real_params_are_refused(opt):
     params = {"w": jnp.ones(2)}
     with pytest.raises(TypeError, match=r"updates\['w'\] is complex, but its param .* is real"):
         opt.update({"w": jnp.ones(2, jnp.complex64)}, opt.init(params), params)
-    with pytest.raises(TypeError, match="a complex update .* for a real param"):
+    with pytest.raises(TypeError, match=r"a complex update .* for a real param"):
         kopt.apply_updates(params, {"w": jnp.ones(2, jnp.complex64)})
 
 

@@ -218,6 +218,30 @@ def test_keras_weights_member_zip_bomb(tmp_path):
     refused(load_keras(path), kopt.KerasFileError, "'model.weights.h5'", "declares 67108864")
 
 
+def test_a_stored_weights_member_is_read_in_place_so_frozen_weights_need_no_bound(tmp_path):
+    # A frozen backbone: 64 MiB of non-trainable weights the optimizer never sees (params are the trainable
+    # ones). Keras stores model.weights.h5 uncompressed; kopt reads it in place, so it loads in the budget.
+    members = zip_members(KERAS)
+    inner = tmp_path / "model.weights.h5"
+    inner.write_bytes(members["model.weights.h5"])
+    with h5py.File(inner, "a") as file:
+        file.create_dataset("layers/frozen_backbone/vars/0", data=np.ones((4096, 4096), np.float32))
+    members["model.weights.h5"] = inner.read_bytes()
+    path = tmp_path / "frozen.keras"
+    write_zip(path, list(members.items()))
+    assert os.path.getsize(path) > 8 * weights_member_limit(kopt.tf_keras.Adam(), params_of("current_Adam"))
+    with budget():
+        opt, state = kopt.load_keras_optimizer(path, params_of("current_Adam"))
+    for mine, tfs in zip(kopt.to_keras_weights(opt, state), tf_reload("current_Adam", "keras"), strict=True):
+        np.testing.assert_array_equal(mine, tfs)
+
+
+def test_a_stored_weights_member_past_the_end_of_the_archive_is_refused(tmp_path):
+    path = copy(KERAS, tmp_path)
+    declare_size(path, "model.weights.h5", 3 << 30)
+    refused(load_keras(path), kopt.KerasFileError, str(path), "'model.weights.h5'")
+
+
 def test_weights_member_limit_is_a_stated_factor_of_the_params():
     opt, params = kopt.tf_keras.Adam(is_legacy_optimizer=False), params_of("current_Adam")
     elements = sum(p.size for p in params)
