@@ -1,5 +1,8 @@
 """The protocol: chain, apply_updates, None leaves, extra arguments, optax interop, scan, dtypes."""
 
+import copy
+import pickle
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -189,3 +192,83 @@ def test_leaf_shape_mismatch_is_an_error_naming_the_leaf():
     state = opt.init({"w": jnp.ones((2, 3)), "b": jnp.ones(3)})
     with pytest.raises(ValueError, match=r"updates\['w'\] has shape \(3,\).*has shape \(2, 3\)"):
         opt.update({"w": jnp.ones(3), "b": jnp.ones(3)}, state)
+
+
+# --------------------------------------------------------------------------- optimizers are pytrees (optax's contract)
+
+PYTREE_CASES = [kopt.Adam(lr=0.1, clipnorm=1.0), kopt.tf_keras.SGD(0.1, momentum=0.9), kopt.Nadam(packed=None)]
+
+
+def _same_optimizer(opt, like):
+    """``opt`` is an Optimizer with ``like``'s label and still works: serialize and one step equal ``like``'s."""
+    assert isinstance(opt, kopt.Optimizer)
+    assert kopt.serialize(opt) == kopt.serialize(like)
+    params = {"w": jnp.asarray([1.0, -2.0])}
+    chex.assert_trees_all_equal(
+        opt.update(params, opt.init(params), params), like.update(params, like.init(params), params)
+    )
+
+
+@pytest.mark.parametrize("opt", PYTREE_CASES, ids=repr)
+def test_an_optimizer_survives_tree_utilities_as_optaxs_transformations_do(opt):
+    # As optax's GradientTransformation: init and update are the children, the label is static data.
+    assert jax.tree.leaves(opt) == [opt.init, opt.update]
+    _same_optimizer(jax.tree.map(lambda f: f, opt), opt)
+    _same_optimizer(jax.tree.unflatten(*reversed(jax.tree.flatten(opt))), opt)
+    paths = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(opt)[0]]
+    assert paths == [".init", ".update"]
+    _same_optimizer(opt._replace(update=opt.update), opt)
+    _same_optimizer(copy.deepcopy(opt), opt)
+    _same_optimizer(copy.copy(opt), opt)
+    emptied = jax.tree.map(lambda _: None, opt)  # eqx.filter(opt, eqx.is_array) gives this: the label stays
+    assert kopt.serialize(emptied) == kopt.serialize(opt)
+    assert hash(jax.tree.structure(opt)) == hash(jax.tree.structure(jax.tree.map(lambda f: f, opt)))
+
+
+@pytest.mark.parametrize("opt", PYTREE_CASES, ids=repr)
+def test_an_optimizer_pickles_where_optaxs_does(opt):
+    cloudpickle = pytest.importorskip("cloudpickle")
+    _same_optimizer(cloudpickle.loads(cloudpickle.dumps(opt)), opt)
+    cloudpickle.loads(cloudpickle.dumps(optax.adam(0.1)))  # optax's survives cloudpickle too
+    # Plain pickle cannot write closures (init and update), optax's no more than kopt's.
+    for transformation in (opt, optax.adam(0.1)):
+        with pytest.raises((AttributeError, TypeError, pickle.PicklingError)):
+            pickle.dumps(transformation)
+
+
+def test_an_optimizer_in_equinox_and_flax_struct():
+    eqx = pytest.importorskip("equinox")
+    struct = pytest.importorskip("flax.struct")
+    opt = kopt.Adam(lr=0.1)
+    dynamic, static = eqx.partition({"opt": opt, "x": jnp.ones(2)}, eqx.is_array)
+    _same_optimizer(eqx.combine(dynamic, static)["opt"], opt)
+    _same_optimizer(eqx.filter({"opt": opt}, eqx.is_array, inverse=True)["opt"], opt)
+
+    @eqx.filter_jit
+    def step(opt, params):  # the optimizer as an argument of a filtered jit: static, hashed, compared
+        updates, _ = opt.update(params, opt.init(params), params)
+        return updates
+
+    params = {"w": jnp.asarray([1.0, -2.0])}
+    chex.assert_trees_all_close(step(opt, params), step(kopt.Adam(lr=0.1), params))
+
+    @struct.dataclass
+    class TrainState:
+        params: dict
+        tx: kopt.Optimizer = struct.field(pytree_node=False)
+
+    state = TrainState(params, opt)
+    moved = jax.jit(lambda s: s.replace(params=jax.tree.map(lambda p: p + 1, s.params)))(state)
+    _same_optimizer(moved.tx, opt)
+
+    @struct.dataclass
+    class Holder:
+        tx: kopt.Optimizer  # a pytree node: the optimizer's children are visited
+
+    _same_optimizer(jax.tree.map(lambda f: f, Holder(opt)).tx, opt)
+
+
+def test_an_optimizer_is_a_static_jit_argument():
+    opt = kopt.SGD(lr=0.1)
+    step = jax.jit(lambda opt, g: opt.update(g, opt.init(g))[0], static_argnums=0)
+    chex.assert_trees_all_close(step(opt, jnp.ones(2)), -0.1 * jnp.ones(2))
