@@ -312,8 +312,8 @@ def from_keras_weights(
     Raises ``ValueError`` for a wrong number of weights (naming the expected
     layouts), a weight whose shape differs from its parameter's (naming both),
     Adam ``vhat`` entries that do not fit ``amsgrad``, non-numeric or
-    non-finite values, and an ``iterations`` that is not a whole number in
-    ``[0, 2**31 - 1]``.
+    non-finite values, complex params (Keras' weights are real), and an
+    ``iterations`` that is not a whole number in ``[0, 2**31 - 1]``.
 
     Example:
         >>> state = from_keras_weights(kopt.RMSprop(decay=1e-4), [kernel, bias],
@@ -321,6 +321,7 @@ def from_keras_weights(
     """
     if not isinstance(weights, (list, tuple)):
         raise ValueError(f"weights must be the list Keras' get_weights() returns, got {type(weights).__name__}")
+    _refuse_complex(params, "params")
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     paths = [jax.tree_util.keystr(path) for path, _ in flat]
     shapes = [tuple(np.shape(leaf)) for _, leaf in flat]
@@ -400,6 +401,16 @@ def _as_schedule(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
+def _refuse_complex(tree: Any, what: str) -> None:
+    """Keras keeps real weights only: a complex param (or slot) has no Keras counterpart to go to or come from."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if jnp.iscomplexobj(leaf):
+            raise ValueError(
+                f"{what}{jax.tree_util.keystr(path)} is complex ({jnp.result_type(leaf)}): Keras optimizer weights "
+                "are real, so complex params have no Keras weights (save the state with kopt.save_state instead)"
+            )
+
+
 def to_keras_weights(opt: Optimizer, state: OptState, *, flavor: str | None = None) -> list[np.ndarray]:
     """The list a Keras optimizer of ``opt``'s class takes in ``set_weights``.
 
@@ -413,12 +424,14 @@ def to_keras_weights(opt: Optimizer, state: OptState, *, flavor: str | None = No
     slot leaf by leaf in ``jax.tree.leaves`` order, as NumPy arrays of the
     state's dtypes. Keras 2.2.4's Adam without amsgrad gets zero ``vhat``
     placeholders of shape (1,). Raises ``ValueError`` if ``state`` was not
-    made by an optimizer of ``opt``'s kind.
+    made by an optimizer of ``opt``'s kind, or holds complex slots (Keras'
+    weights are real).
 
     Example:
         >>> keras_opt.set_weights(to_keras_weights(opt, state))  # doctest: +SKIP
     """
     layouts = _layouts(opt)
+    _refuse_complex(state, "state")
     names = {"keras": KERAS_LAYOUT, "tf_keras.legacy": LEGACY_LAYOUT, "tf_keras": CURRENT_LAYOUT}
     name = next(iter(layouts)) if flavor is None else names.get(flavor)
     if name not in layouts:

@@ -53,7 +53,7 @@ from kopt.base import (
     compiled_when_eager,
     expects,
 )
-from kopt.tree import check_params, check_updates
+from kopt.tree import check_params, check_updates, complex_for_real
 
 #: Leaves of at least this many elements keep a buffer of their own: their kernels are long enough that
 #: launching them costs nothing, and packing them would only copy them (XLA:CPU concatenates slowly).
@@ -206,10 +206,7 @@ class Layout:
         for index, leaf in enumerate(leaves):  # a buffer of real params would drop the imaginary part
             if jnp.iscomplexobj(leaf) and not self.buffers[index].startswith("complex"):
                 path = jax.tree_util.keystr(jax.tree_util.tree_flatten_with_path(tree)[0][index][0])
-                raise TypeError(
-                    f"{what}{path} is complex, but its param (given to init) is real: "
-                    "complex gradients need complex params (or take the real part of the gradient)"
-                )
+                raise complex_for_real(f"{what}{path}")
         return PackedArrays(
             {  # a leaf alone stays as it is: no copy, and it keeps its sharding
                 buffer: jnp.asarray(leaves[members[0]])

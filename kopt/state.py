@@ -210,6 +210,10 @@ def set_slot(state: OptState, name: str, value: Any) -> OptState:
     def cast(new: Any, old: Any) -> Any:
         if jnp.shape(new) != jnp.shape(old):
             raise ValueError(f"slot {name!r}: a leaf of shape {jnp.shape(new)} cannot replace one of {jnp.shape(old)}")
+        if jnp.iscomplexobj(new) and not jnp.iscomplexobj(old):
+            raise ValueError(
+                f"slot {name!r} is real ({jnp.result_type(old)}): a complex value would lose its imaginary part"
+            )
         new = jnp.asarray(new, dtype=jnp.result_type(old))
         if isinstance(old, jax.Array) and is_concrete(old):
             new = jax.device_put(new, old.sharding)

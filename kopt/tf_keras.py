@@ -321,13 +321,35 @@ def _optimizer(
             )
         decay = [add_decayed_weights(weight_decay)]
     velocity = [momentum] if momentum else []
-    transform = rounded_once(
-        chain(*_clipping(class_name, options), *scaling, *decay, scale_by_learning_rate(rate), *velocity)
-    )
+    members = [*_clipping(class_name, options), *scaling, *decay, scale_by_learning_rate(rate), *velocity]
+    transform = chain(*members)
+    if momentum and not is_concrete(config["momentum"]):
+        transform = _refusing_states_without_velocity(transform, len(members))
+    transform = rounded_once(transform)
     ordered = {"name": options.pop("name"), **{k: v for k, v in options.items() if k != "is_legacy_optimizer"}}
     if not legacy:
         ordered["is_legacy_optimizer"] = False
     return Optimizer(transform, class_name, {**ordered, **config}, LEGACY if legacy else CURRENT)
+
+
+def _refusing_states_without_velocity(transform: GradientTransformation, members: int) -> GradientTransformation:
+    """``transform`` (a chain of ``members`` ending in the velocity) whose update refuses a state made without it.
+
+    With ``optax.inject_hyperparams`` the state may come from an eager ``init``
+    that saw ``momentum=0`` (no velocity) while the jitted update sees a traced
+    momentum (a velocity): a clear error instead of a chain-length mismatch.
+    """
+
+    def update(updates, state, params=None, **extra_args):
+        if isinstance(state, tuple) and len(state) == members - 1:
+            raise ValueError(
+                "this state was made with momentum=0 (TensorFlow keeps no velocity then), but momentum is traced "
+                "now, which keeps one: inject momentum > 0 only, or give it as a number "
+                "(optax.inject_hyperparams(..., static_args=('momentum',)))"
+            )
+        return transform.update(updates, state, params, **extra_args)
+
+    return GradientTransformation(transform.init, update)
 
 
 def _keeps_velocity(momentum: Any) -> bool:

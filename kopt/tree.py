@@ -106,6 +106,14 @@ def check_real(transform: str, tree: Any, what: str) -> None:
             )
 
 
+def complex_for_real(where: str) -> TypeError:
+    """The error for a complex gradient meeting a real param's slot or buffer (its imaginary part would be lost)."""
+    return TypeError(
+        f"{where} is complex, but its param (given to init) is real: "
+        "complex gradients need complex params (or take the real part of the gradient)"
+    )
+
+
 def slot_dtype(dtype: Any) -> jnp.dtype:
     """The dtype of a slot (and of the math) for a leaf of ``dtype``: never below float32.
 
@@ -228,10 +236,7 @@ def map_arrays(fn: Callable[..., tuple], updates: Updates, *slots: Updates | Non
             continue
         for leaf, (out, o) in enumerate(zip(outputs, old, strict=True)):
             if jnp.iscomplexobj(out[index]) and not jnp.iscomplexobj(o):
-                raise TypeError(
-                    f"updates{_path(updates, leaf)} is complex, but its param (given to init) is real: "
-                    "complex gradients need complex params (or take the real part of the gradient)"
-                )
+                raise complex_for_real(f"updates{_path(updates, leaf)}")
         new = [jnp.asarray(out[index], jnp.result_type(o)) for out, o in zip(outputs, old, strict=True)]
         new_slots.append(treedef.unflatten(new))
     return (new_updates, *new_slots)

@@ -256,3 +256,18 @@ def test_flax_nnx_bfloat16_params_train_with_float32_state():
     assert losses[-1] < 0.5 * losses[0]
     state = nnx.as_pure(optimizer.opt_state)
     assert {leaf.dtype for leaf in jax.tree.leaves(kopt.get_slot(state, "m"))} == {jnp.dtype(jnp.float32)}
+
+
+def test_complex_states_have_no_keras_weights_and_real_slots_refuse_complex_values():
+    opt, params = kopt.Adam(lr=0.1), {"z": jnp.ones(2, jnp.complex64)}
+    state = opt.update(params, opt.init(params), params)[1]
+    with pytest.raises(ValueError, match=r"state.* is complex \(complex64\): Keras optimizer weights are real"):
+        kopt.to_keras_weights(opt, state)
+    weights = [np.int64(1), np.ones(2, np.float32), np.ones(2, np.float32), np.zeros(1), np.zeros(1)]
+    with pytest.raises(ValueError, match=r"params\['z'\] is complex"):
+        kopt.from_keras_weights(opt, params, weights)
+    with pytest.raises(ValueError, match=r"slot 'v' is real \(float32\): a complex value would lose"):
+        kopt.set_slot(state, "v", {"z": jnp.ones(2, jnp.complex64)})
+    chex.assert_trees_all_equal(
+        kopt.get_slot(kopt.set_slot(state, "m", {"z": jnp.full(2, 1j)}), "m"), {"z": jnp.full(2, 1j, jnp.complex64)}
+    )

@@ -167,6 +167,16 @@ class InjectedTransformsMatchSetHyperparams(chex.TestCase):
             params = kopt.apply_updates(params, updates)
         assert kopt.slot_names(state.inner_state) == kopt.slot_names(plain_state)
 
+    @parameterized.parameters("SGD", "RMSprop")
+    def test_an_injected_momentum_of_zero_is_refused_naming_static_args(self, name):
+        # The eager init sees momentum=0 (legacy: no velocity), the jitted update a traced one (a velocity).
+        opt = optax.inject_hyperparams(getattr(kopt.tf_keras, name))(
+            learning_rate=0.1, momentum=0.0, is_legacy_optimizer=True
+        )
+        params = make_params(np.float32)
+        with pytest.raises(ValueError, match=r"made with momentum=0 .* static_args=\('momentum',\)"):
+            jax.jit(opt.update)(make_grads(params, 1, 1.0)[0], opt.init(params), params)
+
 
 def test_concrete_arrays_live_in_the_state_like_numbers():
     """Only traced values are read from the arguments: set_hyperparams still rules a jnp-valued lr."""
