@@ -11,6 +11,7 @@ import optax
 import pytest
 
 import kopt
+from tests import reference
 
 ALL_OPTIMIZERS = {
     "SGD": lambda: kopt.SGD(lr=0.1, momentum=0.9, nesterov=True, decay=0.01),
@@ -196,39 +197,49 @@ def test_leaf_shape_mismatch_is_an_error_naming_the_leaf():
 
 # --------------------------------------------------------------------------- optimizers are pytrees (optax's contract)
 
-PYTREE_CASES = [kopt.Adam(lr=0.1, clipnorm=1.0), kopt.tf_keras.SGD(0.1, momentum=0.9), kopt.Nadam(packed=None)]
+
+def _first_update(name: str, config: dict) -> np.ndarray:
+    """The Keras 2.2.4 reference's first update of params [1, -2] with gradient [1, -2]."""
+    start = np.asarray([1.0, -2.0], np.float32)
+    return reference.make(name, dtype=np.float32, **config).step([start], [start])[0] - start
 
 
-def _same_optimizer(opt, like):
-    """``opt`` is an Optimizer with ``like``'s label and still works: serialize and one step equal ``like``'s."""
+PYTREE_CASES = [
+    (kopt.Adam(lr=0.1, clipnorm=1.0), ("Adam", {"lr": 0.1, "clipnorm": 1.0})),
+    (kopt.tf_keras.SGD(0.1, momentum=0.9), ("SGD", {"lr": 0.1, "momentum": 0.9})),  # the same first step
+    (kopt.Nadam(packed=None), ("Nadam", {})),
+]
+
+
+def _same_optimizer(opt, like, keras):
+    """``opt`` is an Optimizer with ``like``'s label, and its first step is the Keras reference's."""
     assert isinstance(opt, kopt.Optimizer)
     assert kopt.serialize(opt) == kopt.serialize(like)
     params = {"w": jnp.asarray([1.0, -2.0])}
-    chex.assert_trees_all_equal(
-        opt.update(params, opt.init(params), params), like.update(params, like.init(params), params)
-    )
+    updates, _ = opt.update(params, opt.init(params), params)
+    chex.assert_trees_all_close(updates, {"w": _first_update(*keras)}, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("opt", PYTREE_CASES, ids=repr)
-def test_an_optimizer_survives_tree_utilities_as_optaxs_transformations_do(opt):
+@pytest.mark.parametrize(("opt", "keras"), PYTREE_CASES, ids=lambda x: repr(x)[:40])
+def test_an_optimizer_survives_tree_utilities_as_optaxs_transformations_do(opt, keras):
     # As optax's GradientTransformation: init and update are the children, the label is static data.
     assert jax.tree.leaves(opt) == [opt.init, opt.update]
-    _same_optimizer(jax.tree.map(lambda f: f, opt), opt)
-    _same_optimizer(jax.tree.unflatten(*reversed(jax.tree.flatten(opt))), opt)
+    _same_optimizer(jax.tree.map(lambda f: f, opt), opt, keras)
+    _same_optimizer(jax.tree.unflatten(*reversed(jax.tree.flatten(opt))), opt, keras)
     paths = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(opt)[0]]
     assert paths == [".init", ".update"]
-    _same_optimizer(opt._replace(update=opt.update), opt)
-    _same_optimizer(copy.deepcopy(opt), opt)
-    _same_optimizer(copy.copy(opt), opt)
+    _same_optimizer(opt._replace(update=opt.update), opt, keras)
+    _same_optimizer(copy.deepcopy(opt), opt, keras)
+    _same_optimizer(copy.copy(opt), opt, keras)
     emptied = jax.tree.map(lambda _: None, opt)  # eqx.filter(opt, eqx.is_array) gives this: the label stays
     assert kopt.serialize(emptied) == kopt.serialize(opt)
     assert hash(jax.tree.structure(opt)) == hash(jax.tree.structure(jax.tree.map(lambda f: f, opt)))
 
 
-@pytest.mark.parametrize("opt", PYTREE_CASES, ids=repr)
-def test_an_optimizer_pickles_where_optaxs_does(opt):
+@pytest.mark.parametrize(("opt", "keras"), PYTREE_CASES, ids=lambda x: repr(x)[:40])
+def test_an_optimizer_pickles_where_optaxs_does(opt, keras):
     cloudpickle = pytest.importorskip("cloudpickle")
-    _same_optimizer(cloudpickle.loads(cloudpickle.dumps(opt)), opt)
+    _same_optimizer(cloudpickle.loads(cloudpickle.dumps(opt)), opt, keras)
     cloudpickle.loads(cloudpickle.dumps(optax.adam(0.1)))  # optax's survives cloudpickle too
     # Plain pickle cannot write closures (init and update), optax's no more than kopt's.
     for transformation in (opt, optax.adam(0.1)):
@@ -239,18 +250,23 @@ def test_an_optimizer_pickles_where_optaxs_does(opt):
 def test_an_optimizer_in_equinox_and_flax_struct():
     eqx = pytest.importorskip("equinox")
     struct = pytest.importorskip("flax.struct")
-    opt = kopt.Adam(lr=0.1)
+    opt, keras = kopt.Adam(lr=0.1), ("Adam", {"lr": 0.1})
     dynamic, static = eqx.partition({"opt": opt, "x": jnp.ones(2)}, eqx.is_array)
-    _same_optimizer(eqx.combine(dynamic, static)["opt"], opt)
-    _same_optimizer(eqx.filter({"opt": opt}, eqx.is_array, inverse=True)["opt"], opt)
+    _same_optimizer(eqx.combine(dynamic, static)["opt"], opt, keras)
+    _same_optimizer(eqx.filter({"opt": opt}, eqx.is_array, inverse=True)["opt"], opt, keras)
+
+    traces = []
 
     @eqx.filter_jit
     def step(opt, params):  # the optimizer as an argument of a filtered jit: static, hashed, compared
+        traces.append(opt)
         updates, _ = opt.update(params, opt.init(params), params)
         return updates
 
     params = {"w": jnp.asarray([1.0, -2.0])}
-    chex.assert_trees_all_close(step(opt, params), step(kopt.Adam(lr=0.1), params))
+    for _ in range(3):
+        chex.assert_trees_all_close(step(opt, params), {"w": _first_update(*keras)}, rtol=1e-5, atol=1e-7)
+    assert len(traces) == 1  # the same optimizer again: a cache hit, no retrace
 
     @struct.dataclass
     class TrainState:
@@ -259,13 +275,13 @@ def test_an_optimizer_in_equinox_and_flax_struct():
 
     state = TrainState(params, opt)
     moved = jax.jit(lambda s: s.replace(params=jax.tree.map(lambda p: p + 1, s.params)))(state)
-    _same_optimizer(moved.tx, opt)
+    _same_optimizer(moved.tx, opt, keras)
 
     @struct.dataclass
     class Holder:
         tx: kopt.Optimizer  # a pytree node: the optimizer's children are visited
 
-    _same_optimizer(jax.tree.map(lambda f: f, Holder(opt)).tx, opt)
+    _same_optimizer(jax.tree.map(lambda f: f, Holder(opt)).tx, opt, keras)
 
 
 def test_an_optimizer_is_a_static_jit_argument():
