@@ -24,11 +24,12 @@ import kopt
 alias_test = pytest.importorskip("optax._src.alias_test", reason="optax's shipped tests (optax, scikit-learn, scipy)")
 
 
-def _rmsprop(learning_rate=None, momentum=0.0):
-    # Keras 2.2.4's RMSprop has no momentum; TensorFlow's Keras has (and keeps Keras' defaults otherwise).
-    if not (isinstance(momentum, (int, float)) and momentum == 0):  # a number, or an array inject_hyperparams made
-        return kopt.tf_keras.RMSprop(learning_rate=learning_rate, momentum=momentum)
-    return kopt.RMSprop(learning_rate=learning_rate)
+def _rmsprop(learning_rate=None, momentum=None):
+    # Keras 2.2.4's RMSprop has no momentum; TensorFlow's Keras has (and keeps Keras' defaults otherwise). The
+    # default None is no number, so optax.inject_hyperparams injects momentum only where a test gives it.
+    if momentum is None:
+        return kopt.RMSprop(learning_rate=learning_rate)
+    return kopt.tf_keras.RMSprop(learning_rate=learning_rate, momentum=momentum)
 
 
 class _KoptAliases:
