@@ -2,10 +2,11 @@
 
 Signatures and defaults are Keras 2.2.4's, plus ``clipnorm`` / ``clipvalue``
 on every optimizer, ``learning_rate`` as a synonym of ``lr``, ``state_dtype``
-(see :mod:`kopt.transforms`), ``packed`` (``True`` wraps the chain in
-:func:`kopt.packed`: same numbers, far faster on trees of many small leaves;
-``None`` packs only where ``init`` finds leaves to pack, see ``packed(auto=True)``)
-and :func:`AdamW`. Each returns
+(see :mod:`kopt.transforms`), ``packed`` (the default ``None`` runs the
+chain in :func:`kopt.packed` with ``auto=True``: the leaves that can share a
+buffer are packed, far fewer kernels on trees of many small leaves, and a tree
+with nothing to pack keeps the per-leaf state; ``True`` always packs,
+``False`` keeps every slot leaf by leaf) and :func:`AdamW`. Each returns
 an :class:`Optimizer`: the ``GradientTransformation`` of the chain, which also
 remembers its Keras config for :func:`kopt.serialize`.
 
@@ -38,7 +39,7 @@ from kopt.transforms import (
     trace,
 )
 from kopt.tree import rounded_once
-from kopt.validation import check_bool, check_clip_option, check_hyperparam, check_state_dtype, is_concrete
+from kopt.validation import check_clip_option, check_hyperparam, check_state_dtype, is_concrete
 
 #: Keras 2.2.4's ``K.epsilon()``, the value ``epsilon=None`` resolves to.
 EPSILON = 1e-7
@@ -137,7 +138,7 @@ def _decayed(lr: LearningRate, decay: float) -> Schedule | Callable:
     return inverse_time_decay(lr, decay)
 
 
-def _switched_on(clip: Any) -> bool:
+def switched_on(clip: Any) -> bool:
     """``None`` or ``0`` mean off, as in Keras; a traced value is on (see ``check_clip_option``)."""
     return clip is not None and (not is_concrete(clip) or bool(clip))
 
@@ -154,21 +155,21 @@ def _keras_optimizer(
     """Prepends Keras' gradient clipping to ``transforms``, packs the chain if asked, labels it.
 
     ``state_dtype`` (already given to the transforms) is added to the config
-    when set, by name, so configs stay JSON; ``packed`` when not ``False``.
+    when set, by name, so configs stay JSON; ``packed`` when not the default ``None``.
     """
     clipnorm = check_clip_option("clipnorm", clipnorm)
     clipvalue = check_clip_option("clipvalue", clipvalue)
     clipping = []
-    if _switched_on(clipnorm):
+    if switched_on(clipnorm):
         clipping.append(clip_by_global_norm(clipnorm))
-    if _switched_on(clipvalue):
+    if switched_on(clipvalue):
         clipping.append(clip_by_value(clipvalue))
     given = {name: value for name, value in (("clipnorm", clipnorm), ("clipvalue", clipvalue)) if value is not None}
     if state_dtype is not None:
         config = {**config, "state_dtype": check_state_dtype(state_dtype).name}
-    transform = rounded_once(chain(*clipping, *transforms))
-    if packed is None or check_bool("packed", packed):
-        transform, config = packing.packed(transform, auto=packed is None), {**config, "packed": packed}
+    transform = packing.as_asked(rounded_once(chain(*clipping, *transforms)), packed)
+    if packed is not None:  # the default (None) stays out of configs, which then read as Keras' own
+        config = {**config, "packed": packed}
     return Optimizer(transform, class_name, {**given, **config})
 
 
@@ -182,7 +183,7 @@ def SGD(
     clipvalue: float | None = None,
     learning_rate: LearningRate | None = None,
     state_dtype: Any = None,
-    packed: bool | None = False,
+    packed: bool | None = None,
 ) -> Optimizer:
     """Stochastic gradient descent with momentum (Keras 2).
 
@@ -220,7 +221,7 @@ def RMSprop(
     clipvalue: float | None = None,
     learning_rate: LearningRate | None = None,
     state_dtype: Any = None,
-    packed: bool | None = False,
+    packed: bool | None = None,
 ) -> Optimizer:
     """RMSprop (Keras 2): ``a <- rho*a + (1-rho)*g**2``; ``p <- p - lr_i*g / (sqrt(a) + epsilon)``.
 
@@ -256,7 +257,7 @@ def Adagrad(
     clipvalue: float | None = None,
     learning_rate: LearningRate | None = None,
     state_dtype: Any = None,
-    packed: bool | None = False,
+    packed: bool | None = None,
 ) -> Optimizer:
     """Adagrad (Keras 2): ``a <- a + g**2`` (from zero); ``p <- p - lr_i*g / (sqrt(a) + epsilon)``.
 
@@ -297,7 +298,7 @@ def Adadelta(
     clipvalue: float | None = None,
     learning_rate: LearningRate | None = None,
     state_dtype: Any = None,
-    packed: bool | None = False,
+    packed: bool | None = None,
 ) -> Optimizer:
     """Adadelta (Keras 2): ``p <- p - lr_i*u`` with ``u`` from :func:`~kopt.scale_by_adadelta`.
 
@@ -335,7 +336,7 @@ def Adam(
     clipvalue: float | None = None,
     learning_rate: LearningRate | None = None,
     state_dtype: Any = None,
-    packed: bool | None = False,
+    packed: bool | None = None,
 ) -> Optimizer:
     """Adam (Keras 2), optionally AMSGrad.
 
@@ -376,7 +377,7 @@ def AdamW(
     clipvalue: float | None = None,
     learning_rate: LearningRate | None = None,
     state_dtype: Any = None,
-    packed: bool | None = False,
+    packed: bool | None = None,
 ) -> Optimizer:
     """Adam of the spec with decoupled weight decay (a kopt extension; Keras 2 has no AdamW).
 
@@ -427,7 +428,7 @@ def Adamax(
     clipvalue: float | None = None,
     learning_rate: LearningRate | None = None,
     state_dtype: Any = None,
-    packed: bool | None = False,
+    packed: bool | None = None,
 ) -> Optimizer:
     """Adamax (Keras 2): ``p <- p - lr_i/(1-beta_1**t) * m / (u + epsilon)``, ``u <- max(beta_2*u, |g|)``.
 
@@ -464,7 +465,7 @@ def Nadam(
     clipvalue: float | None = None,
     learning_rate: LearningRate | None = None,
     state_dtype: Any = None,
-    packed: bool | None = False,
+    packed: bool | None = None,
 ) -> Optimizer:
     """Nadam (Keras 2): Adam with Nesterov momentum and a momentum schedule; no ``decay``.
 

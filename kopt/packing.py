@@ -388,3 +388,12 @@ def packed(inner: GradientTransformation, *, auto: bool = False) -> GradientTran
         return layout.unpack(new, state.rows, jax.tree.structure(updates)), PackedState(layout, inner_state, state.rows)
 
     return GradientTransformation(init, update)
+
+
+def as_asked(transform: GradientTransformation, option: bool | None) -> GradientTransformation:
+    """``transform`` laid out as the aliases' ``packed=option`` asks: ``None`` (the default) packs where ``init``
+    finds leaves to pack (:func:`packed` with ``auto=True``), ``True`` always packs, ``False`` keeps the
+    per-leaf state."""
+    if option is not None and not isinstance(option, bool):
+        raise ValueError(f"packed must be True, False or None, got {option!r}")
+    return transform if option is False else packed(transform, auto=option is None)

@@ -61,10 +61,10 @@ import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from kopt import schedules
+from kopt import packing, schedules
 from kopt.base import GradientTransformation, chain
 from kopt.clipping import clip_by_global_norm, clip_by_norm, clip_by_value
-from kopt.optimizers import LearningRate, Optimizer
+from kopt.optimizers import LearningRate, Optimizer, switched_on
 from kopt.transforms import (
     add_decayed_weights,
     scale_by_adadelta,
@@ -87,7 +87,7 @@ FLAVORS = (KERAS, LEGACY, CURRENT)
 #: The ``module`` TensorFlow's ``serialize`` writes for each generation.
 MODULES = {LEGACY: "keras.optimizers.legacy", CURRENT: "keras.optimizers"}
 
-_COMMON = ("name", "clipnorm", "clipvalue", "global_clipnorm", "lr", "is_legacy_optimizer")
+_COMMON = ("name", "clipnorm", "clipvalue", "global_clipnorm", "lr", "is_legacy_optimizer", "packed")
 _LEGACY_ONLY = ("decay",)
 _CURRENT_ONLY = ("weight_decay", "use_ema", "ema_momentum", "ema_overwrite_frequency", "jit_compile")
 
@@ -310,6 +310,7 @@ def _optimizer(
     velocity holds lr-scaled steps, as TensorFlow's does.
     """
     legacy = options["is_legacy_optimizer"]
+    packed = options.pop("packed", None)
     rate = _schedule(config["learning_rate"], options.get("decay", 0.0) if legacy else 0.0)
     decay = []
     weight_decay = options.get("weight_decay")
@@ -325,10 +326,17 @@ def _optimizer(
     transform = chain(*members)
     if momentum and not is_concrete(config["momentum"]):
         transform = _refusing_states_without_velocity(transform, len(members))
-    transform = rounded_once(transform)
+    layout = packed
+    if switched_on(options.get("clipnorm")):  # TensorFlow clips each variable on its own norm: leaves stay apart
+        if packed:
+            raise ValueError(f"{class_name}(clipnorm=...) clips each variable on its own norm: it cannot be packed")
+        layout = False
+    transform = packing.as_asked(rounded_once(transform), layout)
     ordered = {"name": options.pop("name"), **{k: v for k, v in options.items() if k != "is_legacy_optimizer"}}
     if not legacy:
         ordered["is_legacy_optimizer"] = False
+    if packed is not None:  # a kopt option, written only when given
+        ordered["packed"] = packed
     return Optimizer(transform, class_name, {**ordered, **config}, LEGACY if legacy else CURRENT)
 
 

@@ -290,7 +290,7 @@ def test_bad_inputs_name_what_is_wrong():
         opt.update({"a": jnp.ones(2, jnp.bool_), "b": jnp.ones(3)}, state)
     with pytest.raises(ValueError, match="keeps a PackedState, but update got a tuple"):
         opt.update(params, kopt.Adam().init(params))
-    with pytest.raises(ValueError, match="packed must be True or False"):
+    with pytest.raises(ValueError, match="packed must be True, False or None"):
         kopt.SGD(packed="yes")
 
 
