@@ -34,12 +34,13 @@ after leaf, the path, dtype, shape and stored bytes.
 **Reading files from strangers** (``docs/threat_model.md``). Loading uses
 ``zipfile``, NumPy's ``.npy`` header parser and ``json``: reading a file never
 runs code (no pickle, no object dtype). Each member is checked before it is
-read: only ``header.npy`` and ``leaf_<i>.npy`` (once each), stored or
-deflated, unencrypted; the header may declare at most
-:func:`kopt.file_safety.json_limit` bytes of JSON nested at most 64 deep, and
-each leaf member at most its header record's bytes plus 64 KiB, with a
-``.npy`` header that must give the recorded dtype and shape; nothing else is
-allocated.
+read: only ``header.npy`` and ``leaf_<i>.npy`` (once each), stored (as
+``np.savez`` writes them: a compressed member is refused, so every byte read
+is a byte on disk), unencrypted, each leaf at least a ``.npy`` header long;
+the header may declare at most :func:`header_limit` bytes of JSON
+(64 KiB + 1 KiB per leaf) nested at most 64 deep, and each leaf member at
+most its header record's bytes plus 64 KiB, with a ``.npy`` header that must
+give the recorded dtype and shape; nothing else is allocated.
 
 **Atomic writes.** The file is written to a temporary file in the same folder
 (``.<name>.<random>.tmp``), flushed and ``fsync``-ed, renamed over ``path``
@@ -55,6 +56,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import io
 import json
@@ -166,18 +168,19 @@ def _without_layout(config: Any) -> Any:
 
 
 def _first_config_difference(stored: Any, given: Any, where: str = "config") -> str | None:
+    short = file_safety.shorten  # the stored config comes from the file: no value is repeated whole
     if isinstance(stored, dict) and isinstance(given, dict):
         for key in list(given) + [k for k in stored if k not in given]:
             if key not in stored:
-                return f"{where}[{key!r}] is {given[key]!r} in the given config but absent from the file"
+                return f"{where}[{short(key)}] is {short(given[key])} in the given config but absent from the file"
             if key not in given:
-                return f"{where}[{key!r}] is {stored[key]!r} in the file but absent from the given config"
-            difference = _first_config_difference(stored[key], given[key], f"{where}[{key!r}]")
+                return f"{where}[{short(key)}] is {short(stored[key])} in the file but absent from the given config"
+            difference = _first_config_difference(stored[key], given[key], f"{where}[{short(key)}]")
             if difference:
                 return difference
         return None
     if stored != given or isinstance(stored, bool) != isinstance(given, bool):
-        return f"{where} is {stored!r} in the file but {given!r} in the given config"
+        return f"{where} is {short(stored)} in the file but {short(given)} in the given config"
     return None
 
 
@@ -285,14 +288,37 @@ def save_state(path: str | os.PathLike[str], state: Any, *, config: Any = None) 
 
 
 def _corrupted(path: str, what: str) -> CheckpointCorruptedError:
-    return CheckpointCorruptedError(
-        f"{path}: not a readable kopt checkpoint ({what}); the file is truncated or damaged"
-    )
+    return CheckpointCorruptedError(f"{path}: {_NOT_READABLE}{what}{_DAMAGED}")
+
+
+_NOT_READABLE, _DAMAGED = "not a readable kopt checkpoint (", "); the file is truncated or damaged"
+
+
+def _guarded(path: str) -> contextlib.AbstractContextManager[None]:
+    """Any failure in the block but a CheckpointCorruptedError (damaged JSON, unknown dtype names, zip
+    CRC errors, NumPy's ``.npy`` parser's SyntaxError, short reads ...) reported as one."""
+    return file_safety.failures_as(CheckpointCorruptedError, f"{path}: {_NOT_READABLE}", _DAMAGED)
 
 
 #: Bytes a member may hold beyond its array: the ``.npy`` header (64 bytes as ``np.savez`` writes it; NumPy
 #: reads headers up to 10000 bytes).
 _NPY_ALLOWANCE = 65536
+#: The fewest bytes a leaf member holds: its ``.npy`` header alone (NumPy pads headers to 64 bytes).
+_NPY_MINIMUM = 64
+
+#: The JSON header of a checkpoint of ``n`` leaves holds at most ``HEADER_BASE + HEADER_PER_LEAF * n`` bytes:
+#: a leaf's record (path, shape, dtype, stored_as) is about 100 bytes, 1 KiB leaves room for deep paths;
+#: the base holds the format fields, the checksum and the optimizer config (a few hundred bytes; a
+#: piecewise schedule adds ~20 bytes a boundary).
+HEADER_BASE = 64 << 10
+HEADER_PER_LEAF = 1 << 10
+
+
+def header_limit(leaves: int) -> int:
+    """The most bytes of JSON a checkpoint header of ``leaves`` leaves may hold."""
+    return HEADER_BASE + HEADER_PER_LEAF * leaves
+
+
 _MEMBER = re.compile(r"(header|leaf_(0|[1-9][0-9]*))\.npy")
 
 
@@ -327,12 +353,10 @@ def _read_npy(archive: zipfile.ZipFile, name: str, dtype: np.dtype, shape: tuple
 
 def _parse_header(archive: zipfile.ZipFile, path: str, leaves: int) -> dict[str, Any]:
     """The JSON header (for about ``leaves`` leaves), checked for the fields and types this module relies on."""
-    limit = file_safety.json_limit(leaves)
-    try:
+    limit = header_limit(leaves)
+    with file_safety.failures_as(CheckpointCorruptedError, f"{path}: {_NOT_READABLE}member 'header.npy': ", _DAMAGED):
         raw = _read_npy(archive, _HEADER + ".npy", np.dtype(np.uint8), limit)
         header = file_safety.load_json(raw.tobytes(), limit)
-    except Exception as error:  # NumPy's .npy header parser raises SyntaxError and tokenizer errors too
-        raise _corrupted(path, f"member {_HEADER + '.npy'!r}: {error}") from error
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise _corrupted(path, "header does not name the kopt-checkpoint format")
     version = header.get("format_version")
@@ -353,14 +377,20 @@ def _parse_header(archive: zipfile.ZipFile, path: str, leaves: int) -> dict[str,
             and isinstance(record.get("stored_as"), str)
         )
         if not ok:
-            raise _corrupted(path, f"malformed leaf record {record!r}")
+            raise _corrupted(path, f"malformed leaf record {file_safety.shorten(record)}")
         dtype = _resolve_dtype(record["dtype"])  # TypeError for unknown names: caught as corruption
         if _storage_dtype(dtype).name != record["stored_as"]:
-            raise _corrupted(path, f"leaf {record['path']} stored as {record['stored_as']}, expected {dtype.name}")
+            raise _corrupted(
+                path,
+                f"leaf {file_safety.shorten(record['path'])} stored as {file_safety.shorten(record['stored_as'])}, "
+                f"expected {dtype.name}",
+            )
     expected = {_HEADER + ".npy"} | {f"leaf_{index}.npy" for index in range(len(leaves))}
     if set(archive.namelist()) != expected:
         raise _corrupted(
-            path, f"members {sorted(archive.namelist())[:10]} do not match the {len(leaves)} leaves of the header"
+            path,
+            f"members {file_safety.shorten(sorted(archive.namelist())[:10])} do not match the {len(leaves)} leaves "
+            "of the header",
         )
     return header
 
@@ -369,6 +399,7 @@ def _first_leaf_difference(records: list[dict[str, Any]], like_flat: list) -> st
     """A sentence naming the first difference between the file's leaves and ``like``'s, or None."""
     file_paths = [record["path"] for record in records]
     like_paths = [jax.tree_util.keystr(key_path) for key_path, _ in like_flat]
+    short = functools.partial(file_safety.clip, limit=200)  # paths and dtypes from the file, printed as they are
     if file_paths != like_paths:
         in_file, in_like = set(file_paths), set(like_paths)
         for index in range(max(len(file_paths), len(like_paths))):
@@ -379,12 +410,13 @@ def _first_leaf_difference(records: list[dict[str, Any]], like_flat: list) -> st
             if theirs is not None and theirs not in in_file:
                 return f"missing leaf {theirs}: `like` has it, the file does not"
             if mine is not None and mine not in in_like:
-                return f"extra leaf {mine}: the file has it, `like` does not"
-            return f"leaf order differs at position {index}: {mine} in the file, {theirs} in `like`"
+                return f"extra leaf {short(mine)}: the file has it, `like` does not"
+            return f"leaf order differs at position {index}: {short(str(mine))} in the file, {theirs} in `like`"
     for record, (_, leaf) in zip(records, like_flat, strict=True):
         shape, dtype = tuple(np.shape(leaf)), _dtype_of(leaf)
         if tuple(record["shape"]) != shape:
-            return f"leaf {record['path']} has shape {tuple(record['shape'])} in the file but {shape} in `like`"
+            stored = file_safety.shorten(tuple(record["shape"]))
+            return f"leaf {record['path']} has shape {stored} in the file but {shape} in `like`"
         if record["dtype"] != dtype.name:
             return f"leaf {record['path']} has dtype {record['dtype']} in the file but {dtype.name} in `like`"
     return None
@@ -395,11 +427,11 @@ def _read_leaves(archive: zipfile.ZipFile, header: dict[str, Any], path: str) ->
     records = header["leaves"]
     stored = []
     for index, record in enumerate(records):
-        try:
-            array = _read_npy(archive, f"leaf_{index}.npy", _resolve_dtype(record["stored_as"]), tuple(record["shape"]))
-        except Exception as error:  # NumPy's .npy header parser raises SyntaxError and tokenizer errors too
-            raise _corrupted(path, f"member 'leaf_{index}.npy' (leaf {record['path']}): {error}") from error
-        stored.append(array)
+        where = f"{path}: {_NOT_READABLE}member 'leaf_{index}.npy' (leaf {file_safety.shorten(record['path'])}): "
+        with file_safety.failures_as(CheckpointCorruptedError, where, _DAMAGED):
+            stored.append(
+                _read_npy(archive, f"leaf_{index}.npy", _resolve_dtype(record["stored_as"]), tuple(record["shape"]))
+            )
     if _digest(records, stored) != header["sha256"]:
         raise _corrupted(path, "SHA-256 checksum mismatch")
     return [
@@ -420,30 +452,29 @@ def _place(value: np.ndarray, like_leaf: Any) -> Any:
 
 @contextlib.contextmanager
 def _checkpoint_archive(path: str) -> Iterator[zipfile.ZipFile]:
-    """The checkpoint's zip, its member names checked (no stranger, each once); open failures are corruption."""
+    """The checkpoint's zip, its members checked (no stranger, each once, stored, leaves at least a ``.npy``
+    header long); open failures are corruption."""
     try:
-        file_safety.regular_file_size(path)  # a missing file stays FileNotFoundError
+        file_safety.regular_file_size(path)  # a missing (or unpermitted) file stays an OSError
+    except ValueError as error:
+        raise _corrupted(path, str(error)) from None
+    with _guarded(path):  # any parse failure of untrusted bytes means "not a checkpoint"
         archive = file_safety.open_zip(path)
-    except FileNotFoundError:
-        raise
-    except Exception as error:  # any parse failure of untrusted bytes means "not a checkpoint"
-        raise _corrupted(path, f"{type(error).__name__}: {error}") from error
     with archive:
         names = archive.namelist()
         if _HEADER + ".npy" not in names or not all(_MEMBER.fullmatch(name) for name in names):
-            raise _corrupted(path, f"members {sorted(names)[:10]} are not a header and leaves")
+            strangers = [name for name in names if not _MEMBER.fullmatch(name)] or names
+            raise _corrupted(path, f"members {file_safety.shorten(sorted(strangers[:10]))} are not a header and leaves")
+        for info in archive.infolist():
+            if info.compress_type != zipfile.ZIP_STORED:  # np.savez stores: then each byte read is one on disk
+                raise _corrupted(
+                    path, f"member {info.filename!r} is compressed (method {info.compress_type}); kopt stores them"
+                )
+            if info.filename != _HEADER + ".npy" and info.file_size < _NPY_MINIMUM:
+                raise _corrupted(
+                    path, f"member {info.filename!r} holds {info.file_size} bytes, too few for a .npy header"
+                )
         yield archive
-
-
-def _guarded(path: str, read: Callable[[], Any]) -> Any:
-    """``read()``, with any failure other than a CheckpointCorruptedError (damaged JSON, unknown dtype
-    names, zip CRC errors, short reads ...) reported as one."""
-    try:
-        return read()
-    except CheckpointCorruptedError:
-        raise
-    except Exception as error:  # untrusted bytes make zipfile, zlib and NumPy raise all kinds of errors
-        raise _corrupted(path, f"{type(error).__name__}: {error}") from error
 
 
 def read_checkpoint_header(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -453,15 +484,16 @@ def read_checkpoint_header(path: str | os.PathLike[str]) -> dict[str, Any]:
     Useful to rebuild the optimizer before loading:
     ``opt = kopt.deserialize(read_checkpoint_header(path)["config"])``.
     Raises :class:`CheckpointCorruptedError` for an unreadable file. The file
-    may come from a stranger: the header is read within
-    :func:`kopt.file_safety.json_limit` for the archive's members (a bound
-    checked before reading), never runs code, and every failure is a
-    :class:`CheckpointCorruptedError` naming the file and the member.
+    may come from a stranger: the header is read within :func:`header_limit`
+    of the archive's leaf members (a bound checked before reading; members
+    are stored, each at least a ``.npy`` header long, so the bound is at most
+    16 times the file's size plus 64 KiB), never runs code, and every failure
+    is a :class:`CheckpointCorruptedError` naming the file and the member.
     """
     path = os.fspath(path)
-    with _checkpoint_archive(path) as archive:
-        # No `like` says how many leaves to expect: the archive's own members do (each is on disk).
-        return _guarded(path, lambda: _parse_header(archive, path, len(archive.namelist()) - 1))
+    # No `like` says how many leaves to expect: the archive's own members do (each stored, >= 64 bytes on disk).
+    with _checkpoint_archive(path) as archive, _guarded(path):
+        return _parse_header(archive, path, len(archive.namelist()) - 1)
 
 
 def load_state(path: str | os.PathLike[str], like: Any, *, config: Any = None) -> Any:
@@ -491,7 +523,7 @@ def load_state(path: str | os.PathLike[str], like: Any, *, config: Any = None) -
     returns numbers other than those saved. A missing file is
     ``FileNotFoundError``. The file may come from a stranger: every member
     is checked against what ``like`` needs before it is read (the header
-    within :func:`kopt.file_safety.json_limit` of ``like``'s leaf count,
+    within :func:`header_limit` of ``like``'s leaf count,
     each leaf within its recorded size plus 64 KiB), so memory stays
     proportional to ``like`` and reading never runs code
     (``docs/threat_model.md``).
@@ -511,7 +543,8 @@ def load_state(path: str | os.PathLike[str], like: Any, *, config: Any = None) -
     like_flat, treedef = jax.tree_util.tree_flatten_with_path(like)
     given_config = _normalized_config(config)
     with _checkpoint_archive(path) as archive:
-        header = _guarded(path, lambda: _parse_header(archive, path, len(like_flat)))
+        with _guarded(path):
+            header = _parse_header(archive, path, len(like_flat))
         difference = _first_leaf_difference(header["leaves"], like_flat)
         if difference:
             raise ValueError(f"checkpoint {path} does not match `like`: {difference}")
@@ -521,7 +554,8 @@ def load_state(path: str | os.PathLike[str], like: Any, *, config: Any = None) -
             difference = _first_config_difference(_without_layout(header["config"]), _without_layout(given_config))
             if difference:
                 raise ValueError(f"checkpoint {path} was saved with another optimizer config: {difference}")
-        values = _guarded(path, lambda: _read_leaves(archive, header, path))
+        with _guarded(path):
+            values = _read_leaves(archive, header, path)
     if packed_like is not None:
         state = packing.packed_like(packed_like, treedef.unflatten(values))
         placed = [

@@ -11,13 +11,16 @@ subclass (:class:`kopt.CheckpointCorruptedError`, :class:`kopt.KerasFileError`).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
 import json
+import math
 import os
-import struct
 import re
+import reprlib
 import stat
+import struct
 import zipfile
 from collections.abc import Iterator
 from typing import IO, Any
@@ -40,12 +43,65 @@ _METHODS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflated"}
 
 _CHUNK = 1 << 20
 
+#: The longest reason :func:`failures_as` repeats from a library's error (h5py's may quote names from the file).
+MESSAGE_LIMIT = 2000
+
 # A JSON string, or an unterminated one up to the end of the text (so that no quote is scanned twice:
 # linear time whatever the text), and any run of characters that are not brackets.
 _STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)', re.DOTALL)
 _NOT_BRACKETS = bytes(set(range(256)) - set(b"[]{}"))
 _STEP = np.zeros(256, np.int8)
 _STEP[list(b"[{")], _STEP[list(b"]}")] = 1, -1
+
+
+class _ShortRepr(reprlib.Repr):
+    """``reprlib`` that never formats a long string or a huge integer whole (their repr would be the attack)."""
+
+    def repr1(self, x: Any, level: int) -> str:
+        if isinstance(x, (str, bytes)) and type(x) not in (str, bytes):  # np.str_ etc.: reprlib would repr it whole
+            x = (str if isinstance(x, str) else bytes)(x[: self.maxstring + 1])
+        if isinstance(x, int) and not isinstance(x, bool) and x.bit_length() > 64:
+            return f"<an integer of {x.bit_length()} bits>"  # repr of 4300+ digits raises, and costs quadratic time
+        return super().repr1(x, level)
+
+
+_SHORT = _ShortRepr()
+_SHORT.maxstring = _SHORT.maxother = _SHORT.maxlong = 80
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = 8
+_SHORT.maxlevel = 4
+
+
+def shorten(value: Any, limit: int = 200) -> str:
+    """``repr(value)`` for an error message, at most ``limit`` characters (cut, ending in ``...``).
+
+    Values from a file or a config (names, keys, whole configs) go into messages only through this:
+    long strings, long lists and deep nesting are cut *before* they are formatted (``reprlib``), so
+    a 100 MB name costs a 200-character message, not a 100 MB one.
+    """
+    return clip(_SHORT.repr(value), limit)
+
+
+def clip(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` characters, the cut marked ``...``."""
+    return text if len(text) <= limit else text[: max(limit - 3, 0)] + "..."
+
+
+@contextlib.contextmanager
+def failures_as(error_class: type[ValueError], prefix: str, suffix: str = "") -> Iterator[None]:
+    """Any exception in the block but ``error_class`` itself as ``error_class(prefix + what + suffix)``.
+
+    Untrusted bytes make h5py, zipfile, zlib, json and NumPy's ``.npy`` parser raise all kinds of
+    errors (``OSError``, ``KeyError``, ``SyntaxError``, ``zipfile.BadZipFile`` ...): each reader turns them
+    into its one documented ``ValueError`` subclass. ``what`` is a ``ValueError``'s message (kopt's own
+    checks say what differs) or ``"<type>: <message>"`` for anything else, cut to ``MESSAGE_LIMIT``.
+    """
+    try:
+        yield
+    except error_class:
+        raise
+    except Exception as error:
+        what = str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
+        raise error_class(f"{prefix}{clip(what, MESSAGE_LIMIT)}{suffix}") from error
 
 
 def json_limit(leaves: int) -> int:
@@ -93,14 +149,22 @@ def load_json(data: bytes | bytearray | str, max_bytes: int) -> Any:
     return json.loads(text)
 
 
-def open_zip(path: str) -> zipfile.ZipFile:
-    """The archive at ``path``, with each member name present once (a repeated name is two different files)."""
+def open_zip(path: str, max_members: int | None = None) -> zipfile.ZipFile:
+    """The archive at ``path``, with each member name present once (a repeated name is two different files)
+    and, if given, at most ``max_members`` members. Linear in the number of members."""
     archive = zipfile.ZipFile(path)
     names = archive.namelist()
-    if len(set(names)) != len(names):
-        repeated = sorted({name for name in names if names.count(name) > 1})
+    try:
+        if max_members is not None and len(names) > max_members:
+            raise ValueError(f"{len(names)} members, more than the {max_members} expected")
+        repeated = sorted(name for name, count in collections.Counter(names).items() if count > 1)
+        if repeated:
+            more = f" (and {len(repeated) - 8} more)" if len(repeated) > 8 else ""
+            listed = ", ".join(shorten(name, 80) for name in repeated[:8])
+            raise ValueError(f"member(s) {listed}{more} appear more than once")
+    except ValueError:
         archive.close()
-        raise ValueError(f"member(s) {', '.join(map(repr, repeated))} appear more than once")
+        raise
     return archive
 
 
@@ -123,6 +187,11 @@ def read_member(archive: zipfile.ZipFile, name: str, max_bytes: int) -> bytearra
         raise ValueError(f"compression method {info.compress_type}; only stored (0) or deflated (8) are read")
     if info.file_size > max_bytes:
         raise ValueError(f"declares {info.file_size} bytes, more than the {max_bytes} expected")
+    if info.compress_type == zipfile.ZIP_STORED:  # then the buffer below is no larger than the archive
+        if info.compress_size != info.file_size:
+            raise ValueError(f"stored, but {info.compress_size} bytes on disk for {info.file_size} declared")
+        if info.header_offset + info.file_size > getattr(archive, "start_dir", math.inf):
+            raise ValueError(f"declares {info.file_size} bytes, past the end of the archive's data")
     buffer = bytearray(info.file_size)  # writable, so arrays viewing it are too
     view, filled = memoryview(buffer), 0
     with archive.open(info) as member:

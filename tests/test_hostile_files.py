@@ -189,20 +189,88 @@ def checkpoint(folder: pathlib.Path) -> tuple[pathlib.Path, dict]:
 def test_checkpoint_header_zip_bomb(tmp_path):
     path, tree = checkpoint(tmp_path)
     members = zip_members(path)
-    write_zip(path, list(members.items()), zipfile.ZIP_DEFLATED)
+    write_zip(path, list(members.items()))
     declare_size(path, "header.npy", 2 << 30)  # says 2 GiB
     for load in (lambda: kopt.load_state(path, tree), lambda: kopt.read_checkpoint_header(path)):
         refused(load, kopt.CheckpointCorruptedError, str(path), "'header.npy'", "declares 2147483648 bytes")
     real_bomb(path, members, "header.npy", 64)  # really 64 MiB of zeros, 64 KiB on disk
-    refused(lambda: kopt.load_state(path, tree), kopt.CheckpointCorruptedError, "'header.npy'", "declares 67108864")
+    for load in (lambda: kopt.load_state(path, tree), lambda: kopt.read_checkpoint_header(path)):
+        refused(load, kopt.CheckpointCorruptedError, "'header.npy' is compressed (method 8)")
 
 
-def test_checkpoint_member_that_expands_past_what_it_declares_is_cut(tmp_path):
+def test_checkpoint_members_must_be_stored_as_np_savez_writes_them(tmp_path):
     path, tree = checkpoint(tmp_path)
     members = zip_members(path)
     real_bomb(path, members, "leaf_0.npy", 64)
     declare_size(path, "leaf_0.npy", len(members["leaf_0.npy"]))  # lies: declares the real leaf's size
-    refused(lambda: kopt.load_state(path, tree), kopt.CheckpointCorruptedError, "'leaf_0.npy'")
+    refused(lambda: kopt.load_state(path, tree), kopt.CheckpointCorruptedError, "is compressed (method 8)")
+    write_zip(path, list(members.items()))  # stored, but leaf_0 says it is longer than its bytes on disk
+    declare_size(path, "leaf_0.npy", len(members["leaf_0.npy"]) + 8)
+    refused(lambda: kopt.load_state(path, tree), kopt.CheckpointCorruptedError, "'leaf_0.npy'", "on disk")
+
+
+def test_checkpoint_header_bound_is_bytes_on_disk(tmp_path):
+    # Review of #19: the header's bound came from the file's own member count, and a deflated header
+    # inflated it: 1000 empty leaf members and 4 MiB of `[[],[],...]` in 4 KiB made a million lists.
+    path, tree = checkpoint(tmp_path)
+    leaves = 1000
+    header = io.BytesIO()
+    np.save(header, np.frombuffer(b"[" + b"[]," * ((4 << 20) // 3) + b"[]]", np.uint8))
+    empty = [(f"leaf_{index}.npy", b"") for index in range(leaves)]
+    write_zip(path, [("header.npy", header.getvalue()), *empty], zipfile.ZIP_DEFLATED)
+    assert path.stat().st_size < 1 << 20
+    refused(lambda: kopt.read_checkpoint_header(path), kopt.CheckpointCorruptedError, "'header.npy' is compressed")
+    write_zip(path, [("header.npy", header.getvalue()), *empty])  # stored: 4 MiB on disk, but empty leaves
+    refused(lambda: kopt.read_checkpoint_header(path), kopt.CheckpointCorruptedError, "'leaf_0.npy' holds 0 bytes")
+    # Stored, leaves as small as a .npy can be: the header may hold 64 KiB + 1 KiB a leaf, not 4 KiB a leaf.
+    smallest = io.BytesIO()
+    np.save(smallest, np.zeros(0, np.float32))
+    assert len(smallest.getvalue()) == 128 and kopt.checkpoint.header_limit(leaves) == (64 << 10) + 1024 * leaves
+    text = b"[" + b"[]," * ((kopt.checkpoint.header_limit(leaves) + 1) // 3) + b"[]]"
+    header = io.BytesIO()
+    np.save(header, np.frombuffer(text, np.uint8))
+    small = [(f"leaf_{index}.npy", smallest.getvalue()) for index in range(leaves)]
+    write_zip(path, [("header.npy", header.getvalue()), *small])
+    limit = kopt.checkpoint.header_limit(leaves)
+    refused(lambda: kopt.read_checkpoint_header(path), kopt.CheckpointCorruptedError, f"more than the {limit}")
+    # load_state bounds it by `like`'s leaves (14 here), whatever the file holds.
+    limit = kopt.checkpoint.header_limit(len(jax.tree.leaves(tree)))
+    refused(lambda: kopt.load_state(path, tree), kopt.CheckpointCorruptedError, "'header.npy'", f"the {limit + 65536}")
+
+
+def empty_members_zip(path: pathlib.Path, names: list[str]) -> None:
+    """A zip of empty stored members named ``names`` (repeats too), built directly: fast for thousands."""
+    local, central = bytearray(), bytearray()
+    for name in map(str.encode, names):
+        central += struct.pack(
+            "<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, 0, 0, 0, 0x21, 0, 0, 0, len(name), 0, 0, 0, 0, 0, len(local)
+        )
+        central += name
+        local += struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, 0, 0, 0x21, 0, 0, 0, len(name), 0) + name
+    end = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, len(names), len(names), len(central), len(local), 0)
+    path.write_bytes(bytes(local + central + end))
+
+
+def test_many_repeated_zip_members_are_refused_in_linear_time(tmp_path):
+    # Review of #19: the duplicate check counted each name in the whole list (10000 members: ~3 s, 20000: ~10 s).
+    # Timed without tracemalloc, which slows zipfile's own parsing of the directory tenfold.
+    path = tmp_path / "many.keras"
+    empty_members_zip(path, [("config.json", "model.weights.h5")[index % 2] for index in range(10000)])
+    loads = {
+        "'config.json', 'model.weights.h5' appear more than once": lambda: file_safety.open_zip(str(path)),
+        "10000 members, more than the 1028 expected": load_keras(path),
+        "not a readable kopt checkpoint .member.s. 'config.json'": lambda: kopt.read_checkpoint_header(path),
+    }
+    for expected, load in loads.items():
+        start = time.perf_counter()
+        with pytest.raises(ValueError, match=expected):
+            load()
+        assert time.perf_counter() - start < SECONDS
+    empty_members_zip(path, [("header.npy", "leaf_0.npy")[index % 2] for index in range(10000)])
+    start = time.perf_counter()
+    with pytest.raises(kopt.CheckpointCorruptedError, match=r"'header\.npy', 'leaf_0\.npy' appear more than once"):
+        kopt.read_checkpoint_header(path)
+    assert time.perf_counter() - start < SECONDS
 
 
 def test_keras_weights_member_zip_bomb(tmp_path):
