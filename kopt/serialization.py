@@ -16,7 +16,6 @@ building an optimizer from one never runs code.
 from __future__ import annotations
 
 import inspect
-import numbers
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,7 +23,7 @@ import numpy as np
 
 from kopt import schedules, tf_keras
 from kopt.base import GradientTransformation, OptState
-from kopt.file_safety import MAX_DEPTH
+from kopt.file_safety import MAX_DEPTH, MESSAGE_LIMIT, clip, shorten
 from kopt.optimizers import SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, Nadam, Optimizer, RMSprop
 from kopt.state import get_hyperparams
 
@@ -190,35 +189,53 @@ def config_flavor(config: Mapping[str, Any]) -> str:
 #: anything formats them (Python refuses to print integers of more than 4300 digits).
 _MAX_INT_BITS = 64
 
+#: The most values (dicts, lists and scalars, counted as the walk meets them) a config may hold. An optimizer
+#: config holds a few dozen; a piecewise schedule two per boundary, so up to ~10000 boundaries pass (building
+#: one costs ~50 us a boundary, in ``as_real`` checks: 10000 take ~0.5 s, the limit keeps it there).
+MAX_CONFIG_VALUES = 20_000
+
+_SCALARS = (str, float, bool, type(None), np.bool_, np.floating)
+
 
 def _check_plain_data(config: Any) -> None:
-    """Refuses what no optimizer config holds, naming where: nesting deeper than ``MAX_DEPTH``, keys that
-    are not strings, values other than JSON's (numbers, bools, strings, None, lists, dicts) and integers
-    wider than 64 bits. Iterative, so a config nested 100000 deep costs ``MAX_DEPTH`` steps, not the stack."""
+    """Refuses what no optimizer config holds, naming where: more than ``MAX_CONFIG_VALUES`` values, nesting
+    deeper than ``MAX_DEPTH``, keys that are not strings, values other than JSON's (str, bool, float,
+    int of at most 64 bits, None, lists/tuples, dicts) and NumPy's real scalars (0-d arrays too).
+    Iterative, and the count is checked before a container's items are walked: a config nested 100000
+    deep costs ``MAX_DEPTH`` steps, a list of 10**6 numbers one."""
 
-    def where(keys: tuple[Any, ...]) -> str:  # formatted on refusal only; at most MAX_DEPTH keys
-        return "config" + "".join(f"[{key!r}]" for key in keys)
+    def where(keys: tuple[Any, ...]) -> str:  # formatted on refusal only; at most MAX_DEPTH keys, each shortened
+        return "config" + "".join(f"[{shorten(key, 40)}]" for key in keys)
 
     stack: list[tuple[Any, tuple[Any, ...]]] = [(config, ())]
+    count = 1
     while stack:
         value, keys = stack.pop()
-        if isinstance(value, (Mapping, list, tuple)):
+        if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "biuf":
+            value = value[()]  # a 0-d array: checked as its scalar
+        if isinstance(value, _SCALARS):
+            continue
+        if isinstance(value, (int, np.integer)):
+            if int(value).bit_length() > _MAX_INT_BITS:
+                raise ValueError(f"{where(keys)} is an integer of {int(value).bit_length()} bits, more than 64")
+        elif isinstance(value, (Mapping, list, tuple)):
             if len(keys) >= MAX_DEPTH:
                 raise ValueError(f"{where(keys)} nests deeper than {MAX_DEPTH} levels; optimizer configs nest a few")
+            count += len(value)
+            if count > MAX_CONFIG_VALUES:
+                raise ValueError(
+                    f"{where(keys)} makes the config hold more than {MAX_CONFIG_VALUES} values; optimizer configs "
+                    "hold a few dozen"
+                )
             items = value.items() if isinstance(value, Mapping) else enumerate(value)
             for key, item in items:
                 if isinstance(value, Mapping) and not isinstance(key, str):
                     raise ValueError(f"{where(keys)} has a key of type {type(key).__name__}; keys are strings")
                 stack.append((item, (*keys, key)))
-        elif value is None or isinstance(value, (str, bool, np.bool_)):
-            continue
-        elif isinstance(value, numbers.Integral):
-            if int(value).bit_length() > _MAX_INT_BITS:
-                raise ValueError(f"{where(keys)} is an integer of {int(value).bit_length()} bits, more than 64")
-        elif not isinstance(value, numbers.Real):
+        else:
             raise ValueError(
-                f"{where(keys)} is a {type(value).__name__}; "
-                "configs hold only numbers, bools, strings, None, lists and dicts"
+                f"{where(keys)} is a {type(value).__name__}; configs hold only numbers (int, float), bools, "
+                "strings, None, lists and dicts"
             )
 
 
@@ -240,11 +257,14 @@ def deserialize(config: Mapping[str, Any], *, flavor: str | None = None) -> Opti
 
     Configs may come from strangers (a file's JSON): building from one never
     runs code, and a hostile config is a ``ValueError`` naming the key before
-    anything else reads it: nesting deeper than 64 levels, keys that are not
-    strings, values other than numbers, bools, strings, None, lists and dicts,
-    integers wider than 64 bits, a ``module`` / ``registered_name`` / ``name``
-    that is not a string, an ``is_legacy_optimizer`` that is not a bool; then
-    unknown keys, and wrong types or non-finite values for hyperparameters
+    anything else reads it: more than 20000 values (:data:`MAX_CONFIG_VALUES`),
+    nesting deeper than 64 levels, keys that are not strings, values other than
+    JSON's (str, bool, float, int, None, lists, dicts) and NumPy's real scalars,
+    integers wider than 64 bits, a ``class_name`` / ``module`` /
+    ``registered_name`` / ``name`` that is not a string, an
+    ``is_legacy_optimizer`` that is not a bool; then unknown keys, and wrong
+    types or non-finite values for hyperparameters. Messages quote values from
+    the config shortened to 200 characters, never whole
     (``docs/threat_model.md``).
 
     Example:
@@ -259,44 +279,59 @@ def deserialize(config: Mapping[str, Any], *, flavor: str | None = None) -> Opti
         or not set(config) <= {"class_name", "config", "module", "registered_name"}
     ):
         raise ValueError(
-            f"Improper config format: {config!r}; expected a dict with the keys 'class_name' and 'config' "
+            f"Improper config format: {shorten(config)}; expected a dict with the keys 'class_name' and 'config' "
             "(and, as TensorFlow writes them, optionally 'module' and 'registered_name')"
         )
+    if not isinstance(config["class_name"], str):
+        raise ValueError(f"config['class_name'] must be a string, got {shorten(config['class_name'])}")
     for key in ("module", "registered_name"):
         if not isinstance(config.get(key), (str, type(None))):
-            raise ValueError(f"config[{key!r}] must be a string or None, got {config[key]!r}")
+            raise ValueError(f"config[{key!r}] must be a string or None, got {shorten(config[key])}")
     arguments = config["config"]
     if isinstance(arguments, Mapping) and not isinstance(arguments.get("name", ""), str):
-        raise ValueError(f"config['config']['name'] must be a string, got {arguments['name']!r}")
+        raise ValueError(f"config['config']['name'] must be a string, got {shorten(arguments['name'])}")
     if isinstance(arguments, Mapping) and not isinstance(arguments.get("is_legacy_optimizer", True), (bool, np.bool_)):
         raise ValueError(
-            f"config['config']['is_legacy_optimizer'] must be True or False, got {arguments['is_legacy_optimizer']!r}"
+            "config['config']['is_legacy_optimizer'] must be True or False, "
+            f"got {shorten(arguments['is_legacy_optimizer'])}"
         )
     flavor = config_flavor(config) if flavor is None else flavor
     if flavor not in tf_keras.FLAVORS:
-        raise ValueError(f"flavor must be one of {', '.join(map(repr, tf_keras.FLAVORS))}, got {flavor!r}")
+        raise ValueError(f"flavor must be one of {', '.join(map(repr, tf_keras.FLAVORS))}, got {shorten(flavor)}")
+    try:
+        return _build(config, arguments, flavor)
+    except ValueError as error:  # schedules' and TensorFlow's messages may quote the config: never at length
+        if len(str(error)) <= MESSAGE_LIMIT:
+            raise
+        raise ValueError(clip(str(error), MESSAGE_LIMIT)) from None
+
+
+def _build(config: Mapping[str, Any], arguments: Any, flavor: str) -> Optimizer | schedules.Schedule:
+    """The optimizer (or schedule) of a config :func:`deserialize` has checked."""
     class_name = config["class_name"]
     if not isinstance(arguments, Mapping):
-        raise ValueError(f"the 'config' of {class_name} must be a dict, got {type(arguments).__name__}")
+        raise ValueError(f"the 'config' of {shorten(class_name)} must be a dict, got {type(arguments).__name__}")
     if flavor != tf_keras.KERAS:
         known = {name.lower(): constructor for name, constructor in tf_keras.OPTIMIZERS.items()}
-        if isinstance(class_name, str):  # a saved model's training config names TF >= 2.11's as "Custom>Adam"
-            class_name = class_name.removeprefix("Custom>")
-        if not isinstance(class_name, str) or class_name.lower() not in known:
-            raise ValueError(f"Unknown TensorFlow optimizer: {class_name!r}; known: {', '.join(tf_keras.OPTIMIZERS)}")
+        class_name = class_name.removeprefix("Custom>")  # a saved model's training config names TF >= 2.11's so
+        if class_name.lower() not in known:
+            raise ValueError(
+                f"Unknown TensorFlow optimizer: {shorten(class_name)}; known: {', '.join(tf_keras.OPTIMIZERS)}"
+            )
         try:
             return known[class_name.lower()](**{**arguments, "is_legacy_optimizer": flavor == tf_keras.LEGACY})
         except TypeError as error:  # an unknown key: a bad config is a ValueError, as for kopt's own
-            raise ValueError(str(error)) from None
+            raise ValueError(clip(str(error), MESSAGE_LIMIT)) from None
     if schedules.is_config(config):
         return schedules.from_config(config)
-    if not isinstance(class_name, str) or class_name.lower() not in OPTIMIZERS:
-        raise ValueError(f"Unknown optimizer: {class_name!r}; known: {', '.join(sorted(OPTIMIZERS))}")
+    if class_name.lower() not in OPTIMIZERS:
+        raise ValueError(f"Unknown optimizer: {shorten(class_name)}; known: {', '.join(sorted(OPTIMIZERS))}")
     constructor = OPTIMIZERS[class_name.lower()]
     unknown = [key for key in arguments if key not in _allowed(constructor)]
     if unknown:
         raise ValueError(
-            f"Unknown argument(s) {', '.join(map(repr, unknown))} for {constructor.__name__}; "
+            f"Unknown argument(s) {', '.join(shorten(key, 80) for key in unknown[:8])}"
+            f"{f' (and {len(unknown) - 8} more)' if len(unknown) > 8 else ''} for {constructor.__name__}; "
             f"allowed: {', '.join(_allowed(constructor))}"
         )
     rates = {key: schedules.from_config(value) for key, value in arguments.items() if isinstance(value, Mapping)}
@@ -323,6 +358,6 @@ def get(identifier: str | Mapping[str, Any] | GradientTransformation) -> Gradien
     if isinstance(identifier, Mapping):
         return deserialize(identifier)
     raise ValueError(
-        f"Could not interpret optimizer identifier: {identifier!r}; give a name "
+        f"Could not interpret optimizer identifier: {shorten(identifier)}; give a name "
         f"({', '.join(sorted(OPTIMIZERS))}), a config dict or a GradientTransformation"
     )

@@ -12,6 +12,8 @@ structurally with hypothesis: every outcome is a load that fits the params, or s
 from __future__ import annotations
 
 import contextlib
+import decimal
+import fractions
 import io
 import json
 import math
@@ -528,6 +530,13 @@ def nested(depth: int) -> dict:
     return config
 
 
+def piecewise(boundaries: int) -> dict:
+    """TensorFlow's Adam with a PiecewiseConstantDecay of ``boundaries`` boundaries, as a saved model holds it."""
+    schedule = {"boundaries": list(range(boundaries)), "values": [1] * (boundaries + 1)}
+    rate = {"class_name": "PiecewiseConstantDecay", "config": schedule}
+    return {"class_name": "Adam", "config": {"learning_rate": rate, "name": "Adam", "is_legacy_optimizer": True}}
+
+
 @pytest.mark.parametrize(
     ("config", "expected"),
     [
@@ -543,6 +552,11 @@ def nested(depth: int) -> dict:
         ({"class_name": "Adam", "config": {"name": 5}}, "config['config']['name'] must be a string"),
         ({"class_name": "Adam", "config": {"is_legacy_optimizer": "no"}}, "must be True or False"),
         ({"class_name": "Adam", "config": {}, "module": 5}, "config['module'] must be a string"),
+        ({"class_name": ["Adam"], "config": {}}, "config['class_name'] must be a string, got ['Adam']"),
+        ({"class_name": "Adam", "config": {"lr": fractions.Fraction(10**5000, 3)}}, "['lr'] is a Fraction"),
+        ({"class_name": "Adam", "config": {"lr": decimal.Decimal("0.1")}}, "config['config']['lr'] is a Decimal"),
+        ({"class_name": "Adam", "config": {"lr": np.complex64(1)}}, "config['config']['lr'] is a complex64"),
+        (piecewise(10**6), "['values'] makes the config hold more than 20000 values"),
     ],
     ids=[
         "deep-lr",
@@ -557,12 +571,63 @@ def nested(depth: int) -> dict:
         "name",
         "legacy-flag",
         "module",
+        "list-class-name",
+        "fraction",
+        "decimal",
+        "complex",
+        "million-boundaries",
     ],
 )
 def test_hostile_configs_are_clear_errors(config, expected):
     with budget(), pytest.raises(ValueError) as caught:
         kopt.deserialize(config)
     assert expected in str(caught.value)
+
+
+def test_numpy_scalars_and_0d_arrays_are_plain_data():
+    opt = kopt.deserialize({"class_name": "Adam", "config": {"lr": np.array(0.5), "beta_1": np.float32(0.5)}})
+    assert (opt.config["lr"], opt.config["beta_1"]) == (0.5, 0.5)
+    assert kopt.deserialize(piecewise(9000)).config["learning_rate"] is not None  # 18002 values: within the bound
+
+
+def test_a_training_config_with_many_boundaries_is_refused_fast(tmp_path):
+    # Review of #19: the largest PiecewiseConstantDecay the JSON bound lets through (30000 boundaries) took ~1.4 s
+    # to build, ~50 us a boundary; more than 20000 values in a config are refused before anything reads them.
+    path = copy(H5, tmp_path)
+    with h5py.File(path, "r+") as file:
+        config = json.loads(file.attrs["training_config"])
+        config["optimizer_config"] = piecewise(30000)
+        text = json.dumps(config, separators=(",", ":"))
+        assert len(text) < file_safety.json_limit(4)
+        file.attrs["training_config"] = text
+    refused(load_h5(path), kopt.KerasFileError, str(path), "more than 20000 values")
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"class_name": "Adam", "x" * 10**7: 1},  # improper format: the whole config was repeated
+        {"class_name": "x" * 10**7, "config": {}},
+        {"class_name": "Adam", "config": {"x" * 10**7: 1}},
+        {"class_name": "Adam", "config": {f"{index}" * 1000: 1 for index in range(1000)}},
+        {"class_name": "Adam", "config": {"name": "Adam", "x" * 10**7: 1, "is_legacy_optimizer": True}},
+        {"class_name": "Adam", "config": {"lr": {"class_name": "cosine_decay", "config": {"x" * 10**7: 1}}}},
+        {"class_name": "Adam", "config": {"x" * 10**7: {"y" * 10**7: 10**5000}}},
+    ],
+    ids=["format", "class-name", "key", "many-keys", "tf-key", "schedule-key", "deep-key"],
+)
+def test_messages_never_repeat_a_config_at_length(config):
+    with budget(memory=256 << 20), pytest.raises(ValueError) as caught:  # the config itself is 10 MB
+        kopt.deserialize(config)
+    assert len(str(caught.value)) < 2100, str(caught.value)[:300]
+
+
+def test_shorten_cuts_before_formatting():
+    assert len(file_safety.shorten("x" * 10**8)) < 200
+    assert file_safety.shorten(10**5000) == "<an integer of 16610 bits>"
+    assert len(file_safety.shorten(np.str_("y" * 10**6))) < 200
+    assert file_safety.shorten("config.json") == "'config.json'"
+    assert file_safety.clip("abcdef", 5) == "ab..."
 
 
 def test_json_depth_scan_is_linear_and_skips_strings():
