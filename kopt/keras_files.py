@@ -42,7 +42,7 @@ import math
 import os
 import warnings
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -66,6 +66,12 @@ WEIGHTS_FACTOR = 4
 DATASET_ALLOWANCE = 4 << 10
 WEIGHTS_BASE = 256 << 10
 
+#: A ``.keras`` zip holds ``metadata.json``, ``config.json``, ``model.weights.h5`` and an ``assets/`` folder
+#: (files of preprocessing layers): at most ``MEMBERS_BASE`` members plus one per param.
+MEMBERS_BASE = 1024
+#: The longest weight name read from ``weight_names`` (Keras' are ``"<layer path>/<variable>:0"``).
+MAX_NAME_BYTES = 1 << 10
+
 
 class KerasFileError(ValueError):
     """A Keras model file kopt refuses: unreadable, damaged, hostile, or not holding what ``params`` need.
@@ -85,17 +91,9 @@ def _h5py():
     return h5py
 
 
-@contextlib.contextmanager
-def _reading(path: str, what: str) -> Iterator[None]:
+def _reading(path: str, what: str) -> contextlib.AbstractContextManager[None]:
     """Any failure while reading ``what`` (h5py's OSError or KeyError, zipfile's, json's ...) as a KerasFileError."""
-    try:
-        yield
-    except KerasFileError:
-        raise
-    except ValueError as error:
-        raise KerasFileError(f"{path}: {what}: {error}") from error
-    except Exception as error:  # untrusted bytes make h5py, zipfile and zlib raise all kinds of errors
-        raise KerasFileError(f"{path}: {what}: unreadable ({type(error).__name__}: {error})") from error
+    return file_safety.failures_as(KerasFileError, f"{path}: {what}: ")
 
 
 def weights_member_limit(opt: Optimizer, params: Params) -> int:
@@ -114,32 +112,67 @@ def _child(group: Any, name: str) -> Any:
     h5py = _h5py()
     for part in name.split("/"):
         if part in ("", "."):
-            raise ValueError(f"{name!r} is not a plain path below {group.name!r}")
+            raise ValueError(f"{file_safety.shorten(name)} is not a plain path below {group.name!r}")
         link = group.get(part, getlink=True)
         if link is None:
-            raise ValueError(f"{group.name!r} has no member {part!r}")
+            raise ValueError(f"{group.name!r} has no member {file_safety.shorten(part)}")
         if not isinstance(link, h5py.HardLink):
-            raise ValueError(f"{group.name!r} member {part!r} is a {type(link).__name__}; only hard links are read")
+            raise ValueError(
+                f"{group.name!r} member {file_safety.shorten(part)} is a {type(link).__name__}; "
+                "only hard links are read"
+            )
         group = group[part]
     return group
 
 
+def _read_strings(attribute: Any, max_bytes: int) -> np.ndarray:
+    """The strings of an HDF5 string attribute as ``bytes``, each refused past ``max_bytes``.
+
+    HDF5 converts fixed- and variable-length strings alike into a fixed-length buffer of ``max_bytes + 1``
+    bytes a string (cutting longer ones), so nothing longer than that reaches Python: a string that fills
+    it is too long. A fixed-length one is refused from its declared size, before reading. A
+    variable-length one has no size HDF5 tells before reading it: HDF5 loads it whole from the file's
+    heap (at most the file's size; peak memory about 5.5 times that) before converting it.
+    """
+    h5py = _h5py()
+    file_type = attribute.get_type()
+    if not file_type.is_variable_str() and file_type.get_size() > max_bytes:
+        raise ValueError(f" holds strings of {file_type.get_size()} bytes, more than the {max_bytes} expected")
+    memory_type = h5py.h5t.C_S1.copy()
+    memory_type.set_size(max_bytes + 1)
+    memory_type.set_cset(file_type.get_cset())  # HDF5 converts no charset into another
+    memory_type.set_strpad(h5py.h5t.STR_NULLPAD)
+    buffer = np.zeros(attribute.shape, f"S{max_bytes + 1}")
+    attribute.read(buffer, mtype=memory_type)
+    too_long = [index for index, value in enumerate(buffer.reshape(-1)) if len(value) > max_bytes]
+    if too_long:
+        which = f"[{too_long[0]}]" if buffer.ndim else ""  # messages start with it: "attribute 'x'[3] holds ..."
+        raise ValueError(f"{which} holds more than the {max_bytes} bytes expected")
+    return buffer
+
+
 def _string_attribute(obj: Any, name: str, max_bytes: int) -> str | None:
-    """The scalar string attribute ``name`` of ``obj`` (None if absent), refused past ``max_bytes``."""
+    """The scalar string attribute ``name`` of ``obj`` (None if absent), refused past ``max_bytes``.
+
+    Python never holds more than ``max_bytes + 1`` bytes of it (:func:`_read_strings`); HDF5 itself
+    reads a variable-length string whole first (``docs/threat_model.md``, "What is not promised").
+    """
     h5py = _h5py()
     if name not in obj.attrs:
         return None
     attribute = obj.attrs.get_id(name)
     if h5py.check_string_dtype(attribute.dtype) is None or attribute.shape not in ((), (1,)):
         raise ValueError(f"attribute {name!r} is {attribute.dtype}{list(attribute.shape)}, expected a string")
-    if attribute.get_storage_size() > max_bytes:  # fixed-length strings: the size is known before reading
-        raise ValueError(f"attribute {name!r} holds {attribute.get_storage_size()} bytes, more than {max_bytes}")
-    value = np.asarray(obj.attrs[name]).reshape(()).item()
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+    try:
+        value = _read_strings(attribute, max_bytes).reshape(()).item()
+    except ValueError as error:
+        raise ValueError(f"attribute {name!r}{error}") from None
+    return value.decode("utf-8")  # UnicodeDecodeError is a ValueError
 
 
 def _string_list_attribute(obj: Any, name: str, max_count: int) -> list[str]:
-    """The 1-d string attribute ``name`` of ``obj`` (Keras' ``weight_names``), at most ``max_count`` long."""
+    """The 1-d string attribute ``name`` of ``obj`` (Keras' ``weight_names``): at most ``max_count`` strings,
+    each at most ``MAX_NAME_BYTES`` long, both checked before the strings reach Python."""
     h5py = _h5py()
     attribute = obj.attrs.get_id(name) if name in obj.attrs else None
     if attribute is None:
@@ -148,7 +181,11 @@ def _string_list_attribute(obj: Any, name: str, max_count: int) -> list[str]:
         raise ValueError(f"attribute {name!r} is {attribute.dtype}{list(attribute.shape)}, expected strings")
     if attribute.shape[0] > max_count:
         raise ValueError(f"attribute {name!r} lists {attribute.shape[0]} weights, more than the {max_count} expected")
-    return [item.decode("utf-8") if isinstance(item, bytes) else str(item) for item in obj.attrs[name]]
+    try:
+        values = _read_strings(attribute, MAX_NAME_BYTES)
+    except ValueError as error:
+        raise ValueError(f"attribute {name!r}{error}") from None
+    return [value.decode("utf-8") for value in values]
 
 
 def _checked_dataset(dataset: Any, index: int, spec: WeightSpec) -> np.ndarray:
@@ -177,7 +214,7 @@ def _read_weights(path: str, group: Any, names: list[str], opt: Optimizer, param
         specs = weight_specs(opt, params, len(names))
     arrays = []
     for index, (name, spec) in enumerate(zip(names, specs, strict=True)):
-        with _reading(path, f"dataset {group.name.rstrip('/') + '/' + name!r}"):
+        with _reading(path, f"dataset {file_safety.shorten(group.name.rstrip('/') + '/' + name)}"):
             arrays.append(_checked_dataset(_child(group, name), index, spec))
     return arrays
 
@@ -190,8 +227,8 @@ def _optimizer(config: Any, path: str) -> Optimizer:
         raise KerasFileError(f"{path}: the model was saved without an optimizer (compile the model before saving)")
     try:
         return deserialize(dict(config))
-    except ValueError as error:
-        raise KerasFileError(f"{path}: {error}") from None
+    except ValueError as error:  # deserialize quotes the config only shortened
+        raise KerasFileError(f"{path}: {file_safety.clip(str(error), file_safety.MESSAGE_LIMIT)}") from None
 
 
 def _read_h5(path: str, params: Params) -> tuple[Optimizer, list[np.ndarray] | None]:
@@ -223,7 +260,7 @@ def _read_h5(path: str, params: Params) -> tuple[Optimizer, list[np.ndarray] | N
 def _read_keras(path: str, params: Params) -> tuple[Optimizer, list[np.ndarray] | None]:
     h5py = _h5py()
     with _reading(path, "zip archive"):
-        archive = file_safety.open_zip(path)
+        archive = file_safety.open_zip(path, MEMBERS_BASE + len(jax.tree.leaves(params)))
     with archive:
         with _reading(path, "member 'config.json'"):
             limit = file_safety.json_limit(len(jax.tree.leaves(params)))
@@ -241,7 +278,11 @@ def _read_keras(path: str, params: Params) -> tuple[Optimizer, list[np.ndarray] 
                 file = stack.enter_context(h5py.File(weights, "r"))
             with _reading(path, "group 'optimizer/vars'"):
                 group = _child(file, "optimizer/vars") if "optimizer" in file else None
-                names = [str(index) for index in range(len(group))] if group is not None else []
+                count = len(group) if group is not None else 0
+                most = max_weights_per_leaf(opt) * max(len(jax.tree.leaves(params)), 1)
+                if count > most:  # checked before any name is made, as weight_names in an .h5 file
+                    raise ValueError(f"holds {count} weights, more than the {most} expected")
+                names = [str(index) for index in range(count)]
             if not names:
                 return opt, None
             return opt, _read_weights(path, group, names, opt, params)

@@ -440,6 +440,56 @@ def test_too_many_weight_names_are_refused_before_they_are_read(tmp_path):
     refused(load_h5(path), kopt.KerasFileError, "'weight_names'", "5000 weights, more than the 12 expected")
 
 
+def test_long_weight_names_are_refused_before_they_reach_python(tmp_path):
+    # Review of #19: a weight name of any length was read, then repeated whole in the message.
+    path = copy(H5, tmp_path)
+    with h5py.File(path, "r+") as file:
+        names = [np.char.encode(name).item() for name in file["optimizer_weights"].attrs["weight_names"]]
+        vlen = h5py.string_dtype("ascii")
+        file["optimizer_weights"].attrs.create("weight_names", [b"x" * (2 << 20), *names[1:]], dtype=vlen)
+    message = refused(load_h5(path), kopt.KerasFileError, "'weight_names'[0] holds more than the 1024 bytes")
+    assert len(message) < 1000
+    with h5py.File(path, "r+") as file:  # fixed-length: refused from its declared size
+        file["optimizer_weights"].attrs["weight_names"] = np.array([b"x" * 2000, *names[1:]])
+    refused(load_h5(path), kopt.KerasFileError, "'weight_names' holds strings of 2000 bytes, more than the 1024")
+    with h5py.File(path, "r+") as file:  # short enough, but not in the file: named, shortened
+        file["optimizer_weights"].attrs.create("weight_names", [b"y" * 1000, *names[1:]], dtype=vlen)
+    message = refused(load_h5(path), kopt.KerasFileError, "has no member 'yyyy")
+    assert len(message) < 1000
+
+
+def test_training_config_in_every_string_type_is_read_within_its_bound(tmp_path):
+    path = copy(H5, tmp_path)
+    with h5py.File(path, "r") as file:
+        text = file.attrs["training_config"]
+    text = text.decode() if isinstance(text, bytes) else text
+    config = json.loads(text)
+    config["optimizer_config"]["config"]["name"] = "Adam\u00e9"  # not ASCII
+    data = json.dumps(config, ensure_ascii=False).encode()
+    for dtype in (h5py.string_dtype("utf-8", len(data)), h5py.string_dtype("utf-8"), h5py.string_dtype("ascii")):
+        with h5py.File(path, "r+") as file:
+            file.attrs.create("training_config", data, dtype=dtype)
+        opt, _ = kopt.load_keras_optimizer(path, params_of("legacy_Adam"))
+        assert opt.config["name"] == "Adam\u00e9"
+    limit = file_safety.json_limit(4)
+    with h5py.File(path, "r+") as file:
+        file.attrs.create("training_config", b" " * (limit + 1), dtype=h5py.string_dtype("utf-8"))
+    refused(load_h5(path), kopt.KerasFileError, f"'training_config' holds more than the {limit} bytes")
+
+
+def test_keras_vars_are_counted_before_their_names_are_made(tmp_path):
+    members = zip_members(KERAS)
+    buffer = io.BytesIO(members["model.weights.h5"])
+    with h5py.File(buffer, "r+") as file:
+        variables = file["optimizer/vars"]
+        for index in range(len(variables), 5000):
+            variables[str(index)] = variables["0"]  # hard links: cheap
+    members["model.weights.h5"] = buffer.getvalue()
+    path = tmp_path / "many.keras"
+    write_zip(path, list(members.items()))
+    refused(load_keras(path), kopt.KerasFileError, "'optimizer/vars'", "holds 5000 weights, more than the 12 expected")
+
+
 def test_zip_oddities_are_refused(tmp_path):
     members = zip_members(KERAS)
     path = tmp_path / "odd.keras"
