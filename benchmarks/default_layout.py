@@ -1,11 +1,12 @@
-"""The default layout against per leaf and optax: step, compile time and memory on every tree.
+"""packed=None (auto, the candidate default of issue #22) against per leaf and optax: step, compile, memory.
 
     python benchmarks/default_layout.py             # every tree, Adam and clipnorm + Adam (~35 min on 2 cores)
     python benchmarks/default_layout.py --quick     # the --quick trees of run.py (~8 min)
     python benchmarks/default_layout.py --trees resnet,bf16 --rounds 3
 
-For each tree and optimizer, three contestants live in one process: kopt's default (``kopt.Adam()``,
-``packed=None``), kopt per leaf (``packed=False``) and optax's peer from run.py. Each step is
+For each tree and optimizer, three contestants live in one process: kopt with ``packed=None`` ("auto":
+the leaves that can share a buffer are packed), kopt per leaf (``packed=False``, today's default) and
+optax's peer from run.py. Each step is
 ``update`` + ``apply_updates`` jitted with params and state donated, exactly run.py's step. Metrics:
 
 * *step*: the median of interleaved bursts (run.py's ``interleaved``: every contestant in turn,
@@ -14,7 +15,7 @@ For each tree and optimizer, three contestants live in one process: kopt's defau
   made in rotating order;
 * *memory*: the compiled step's own account (``memory_analysis``: arguments + outputs - aliased +
   temporaries), in MiB;
-* *extra*: the default's memory beyond per leaf, in gradient-sized buffers of the packed leaves.
+* *extra*: auto's memory beyond per leaf, in gradient-sized buffers of the packed leaves.
 
 The trees are run.py's (``run.shapes``), plus a mixed-dtype tree (the small leaves in bfloat16 beside
 float32 ones) and, with ``--devices N`` (XLA's host platform split into N devices), ResNet-50's tree with
@@ -57,7 +58,7 @@ OPTIMIZERS = {
         lambda: optax.chain(optax.clip_by_global_norm(run.CLIPNORM), optax.adam(1e-3, eps=run.EPS)),
     ),
 }
-CONTESTANTS = ("default", "per leaf", "optax")
+CONTESTANTS = ("auto", "per leaf", "optax")
 
 
 def mixed_dtypes(quick: bool) -> dict:
@@ -106,8 +107,8 @@ def measure(name: str, structure: dict, sharded: bool, optimizer: str, reps: int
     make_kopt, make_optax = OPTIMIZERS[optimizer]
     params = place(run.materialize(structure, 0, 1.0), sharded)
     grads = place(run.materialize(structure, 1, 1e-2), sharded)
-    opts = {"default": make_kopt(), "per leaf": make_kopt(packed=False), "optax": make_optax()}
-    applies = {"default": kopt.apply_updates, "per leaf": kopt.apply_updates, "optax": optax.apply_updates}
+    opts = {"auto": make_kopt(packed=None), "per leaf": make_kopt(packed=False), "optax": make_optax()}
+    applies = {"auto": kopt.apply_updates, "per leaf": kopt.apply_updates, "optax": optax.apply_updates}
     compile_s = {c: math.inf for c in CONTESTANTS}
     for r in range(rounds):  # cold compiles in rotating order: load falls on every contestant alike
         for c in CONTESTANTS[r % 3 :] + CONTESTANTS[: r % 3]:
@@ -126,7 +127,7 @@ def measure(name: str, structure: dict, sharded: bool, optimizer: str, reps: int
     packed_bytes = sum(
         leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(params) if leaf.size < kopt.packing.ALONE
     )
-    extra = (memory["default"] - memory["per leaf"]) * 2**20 / packed_bytes if packed_bytes else 0.0
+    extra = (memory["auto"] - memory["per leaf"]) * 2**20 / packed_bytes if packed_bytes else 0.0
     del runners
     run.free()
     return {"tree": name, "optimizer": optimizer, "step": step, "compile": compile_s, "memory": memory, "extra": extra}
@@ -134,21 +135,21 @@ def measure(name: str, structure: dict, sharded: bool, optimizer: str, reps: int
 
 def table(results: list[dict]) -> list[str]:
     lines = [
-        "| tree | optimizer | step ms: default / per leaf / optax | default/optax | default/per leaf "
-        "| compile s: default / per leaf / optax | default/optax | default/per leaf "
-        "| memory MiB: default / per leaf / optax | default/per leaf | extra (grad-sized buffers of packed leaves) |",
+        "| tree | optimizer | step ms: auto / per leaf / optax | auto/optax | auto/per leaf "
+        "| compile s: auto / per leaf / optax | auto/optax | auto/per leaf "
+        "| memory MiB: auto / per leaf / optax | auto/per leaf | extra (grad-sized buffers of packed leaves) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
         s, c, m = r["step"], r["compile"], r["memory"]
         lines.append(
             f"| {r['tree']} | {r['optimizer']} "
-            f"| {s['default']:.2f} / {s['per leaf']:.2f} / {s['optax']:.2f} "
-            f"| {s['default'] / s['optax']:.2f} | {s['default'] / s['per leaf']:.2f} "
-            f"| {c['default']:.2f} / {c['per leaf']:.2f} / {c['optax']:.2f} "
-            f"| {c['default'] / c['optax']:.2f} | {c['default'] / c['per leaf']:.2f} "
-            f"| {m['default']:.1f} / {m['per leaf']:.1f} / {m['optax']:.1f} "
-            f"| {m['default'] / m['per leaf']:.3f} | {r['extra']:.2f} |"
+            f"| {s['auto']:.2f} / {s['per leaf']:.2f} / {s['optax']:.2f} "
+            f"| {s['auto'] / s['optax']:.2f} | {s['auto'] / s['per leaf']:.2f} "
+            f"| {c['auto']:.2f} / {c['per leaf']:.2f} / {c['optax']:.2f} "
+            f"| {c['auto'] / c['optax']:.2f} | {c['auto'] / c['per leaf']:.2f} "
+            f"| {m['auto']:.1f} / {m['per leaf']:.1f} / {m['optax']:.1f} "
+            f"| {m['auto'] / m['per leaf']:.3f} | {r['extra']:.2f} |"
         )
     return lines
 
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
             print(table(results)[-1], flush=True)
     info = run.machine_info()
     header = [
-        "# The default layout against per leaf and optax",
+        "# packed=None (auto) against per leaf and optax",
         "",
         f"`python benchmarks/default_layout.py {' '.join(argv if argv is not None else sys.argv[1:])}`, "
         f"{(datetime.datetime.now() - started).total_seconds() / 60:.0f} min. Step: median of interleaved, donated "

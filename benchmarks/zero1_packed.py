@@ -40,7 +40,7 @@ def main() -> None:
     params = jax.device_put(params, replicated)
     grads = jax.tree.map(lambda p: 3.0 * p, params)
     contestants = {
-        "kopt per leaf": kopt.Adam(lr=1e-3, clipnorm=1.0, packed=False),
+        "kopt per leaf": kopt.Adam(lr=1e-3, clipnorm=1.0),
         "kopt packed": kopt.Adam(lr=1e-3, clipnorm=1.0, packed=True),
         "optax": optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3)),
     }

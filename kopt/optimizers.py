@@ -2,11 +2,10 @@
 
 Signatures and defaults are Keras 2.2.4's, plus ``clipnorm`` / ``clipvalue``
 on every optimizer, ``learning_rate`` as a synonym of ``lr``, ``state_dtype``
-(see :mod:`kopt.transforms`), ``packed`` (the default ``None`` runs the
-chain in :func:`kopt.packed` with ``auto=True``: the leaves that can share a
-buffer are packed, far fewer kernels on trees of many small leaves, and a tree
-with nothing to pack keeps the per-leaf state; ``True`` always packs,
-``False`` keeps every slot leaf by leaf) and :func:`AdamW`. Each returns
+(see :mod:`kopt.transforms`), ``packed`` (``True`` wraps the chain in
+:func:`kopt.packed`: same numbers, far faster on trees of many small leaves;
+``None`` packs only where ``init`` finds leaves to pack, see ``packed(auto=True)``;
+the default ``False`` keeps every slot leaf by leaf) and :func:`AdamW`. Each returns
 an :class:`Optimizer`: the ``GradientTransformation`` of the chain, which also
 remembers its Keras config for :func:`kopt.serialize`.
 
@@ -155,7 +154,7 @@ def _keras_optimizer(
     """Prepends Keras' gradient clipping to ``transforms``, packs the chain if asked, labels it.
 
     ``state_dtype`` (already given to the transforms) is added to the config
-    when set, by name, so configs stay JSON; ``packed`` when not the default ``None``.
+    when set, by name, so configs stay JSON; ``packed`` when not the default ``False``.
     """
     clipnorm = check_clip_option("clipnorm", clipnorm)
     clipvalue = check_clip_option("clipvalue", clipvalue)
@@ -168,7 +167,7 @@ def _keras_optimizer(
     if state_dtype is not None:
         config = {**config, "state_dtype": check_state_dtype(state_dtype).name}
     transform = packing.as_asked(rounded_once(chain(*clipping, *transforms)), packed)
-    if packed is not None:  # the default (None) stays out of configs, which then read as Keras' own
+    if packed is not False:  # the default stays out of configs, which then read as Keras' own
         config = {**config, "packed": packed}
     return Optimizer(transform, class_name, {**given, **config})
 
@@ -183,7 +182,7 @@ def SGD(
     clipvalue: float | None = None,
     learning_rate: LearningRate | None = None,
     state_dtype: Any = None,
-    packed: bool | None = None,
+    packed: bool | None = False,
 ) -> Optimizer:
     """Stochastic gradient descent with momentum (Keras 2).
 
@@ -221,7 +220,7 @@ def RMSprop(
     clipvalue: float | None = None,
     learning_rate: LearningRate | None = None,
     state_dtype: Any = None,
-    packed: bool | None = None,
+    packed: bool | None = False,
 ) -> Optimizer:
     """RMSprop (Keras 2): ``a <- rho*a + (1-rho)*g**2``; ``p <- p - lr_i*g / (sqrt(a) + epsilon)``.
 
@@ -257,7 +256,7 @@ def Adagrad(
     clipvalue: float | None = None,
     learning_rate: LearningRate | None = None,
     state_dtype: Any = None,
-    packed: bool | None = None,
+    packed: bool | None = False,
 ) -> Optimizer:
     """Adagrad (Keras 2): ``a <- a + g**2`` (from zero); ``p <- p - lr_i*g / (sqrt(a) + epsilon)``.
 
@@ -298,7 +297,7 @@ def Adadelta(
     clipvalue: float | None = None,
     learning_rate: LearningRate | None = None,
     state_dtype: Any = None,
-    packed: bool | None = None,
+    packed: bool | None = False,
 ) -> Optimizer:
     """Adadelta (Keras 2): ``p <- p - lr_i*u`` with ``u`` from :func:`~kopt.scale_by_adadelta`.
 
@@ -336,7 +335,7 @@ def Adam(
     clipvalue: float | None = None,
     learning_rate: LearningRate | None = None,
     state_dtype: Any = None,
-    packed: bool | None = None,
+    packed: bool | None = False,
 ) -> Optimizer:
     """Adam (Keras 2), optionally AMSGrad.
 
@@ -377,7 +376,7 @@ def AdamW(
     clipvalue: float | None = None,
     learning_rate: LearningRate | None = None,
     state_dtype: Any = None,
-    packed: bool | None = None,
+    packed: bool | None = False,
 ) -> Optimizer:
     """Adam of the spec with decoupled weight decay (a kopt extension; Keras 2 has no AdamW).
 
@@ -428,7 +427,7 @@ def Adamax(
     clipvalue: float | None = None,
     learning_rate: LearningRate | None = None,
     state_dtype: Any = None,
-    packed: bool | None = None,
+    packed: bool | None = False,
 ) -> Optimizer:
     """Adamax (Keras 2): ``p <- p - lr_i/(1-beta_1**t) * m / (u + epsilon)``, ``u <- max(beta_2*u, |g|)``.
 
@@ -465,7 +464,7 @@ def Nadam(
     clipvalue: float | None = None,
     learning_rate: LearningRate | None = None,
     state_dtype: Any = None,
-    packed: bool | None = None,
+    packed: bool | None = False,
 ) -> Optimizer:
     """Nadam (Keras 2): Adam with Nesterov momentum and a momentum schedule; no ``decay``.
 

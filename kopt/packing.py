@@ -391,8 +391,8 @@ def packed(inner: GradientTransformation, *, auto: bool = False) -> GradientTran
 
 
 def as_asked(transform: GradientTransformation, option: bool | None) -> GradientTransformation:
-    """``transform`` laid out as the aliases' ``packed=option`` asks: ``None`` (the default) packs where ``init``
-    finds leaves to pack (:func:`packed` with ``auto=True``), ``True`` always packs, ``False`` keeps the
+    """``transform`` laid out as the aliases' ``packed=option`` asks: ``None`` packs where ``init`` finds leaves
+    to pack (:func:`packed` with ``auto=True``), ``True`` always packs, ``False`` (the default) keeps the
     per-leaf state."""
     if option is not None and not isinstance(option, bool):
         raise ValueError(f"packed must be True, False or None, got {option!r}")

@@ -1,4 +1,4 @@
-"""Each optimizer is exactly the chain of its transforms (the documented composition), packed by default."""
+"""Each optimizer is exactly the chain of its transforms (the documented composition), packed if asked."""
 
 import chex
 import jax
@@ -64,7 +64,7 @@ ALIASES = [
 @pytest.mark.parametrize("packed", [None, False])
 @pytest.mark.parametrize("name,alias,composed", ALIASES, ids=[a[0] for a in ALIASES])
 def test_alias_equals_its_chain(name, alias, composed, packed):
-    # The default (packed=None) is the chain in kopt.packed(auto=True); packed=False is the bare chain.
+    # packed=None is the chain in kopt.packed(auto=True); packed=False (the default) is the bare chain.
     alias = kopt.deserialize({"class_name": alias.class_name, "config": {**alias.config, "packed": packed}})
     composed = kopt.packed(composed, auto=True) if packed is None else composed
     params = {"w": jnp.linspace(-1.0, 1.0, 6).reshape(3, 2), "b": jnp.zeros(2)}
