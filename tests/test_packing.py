@@ -452,3 +452,32 @@ def test_packed_none_packs_only_where_init_finds_leaves_to_pack():
     # and the choice travels in the config
     assert kopt.serialize(auto)["config"]["packed"] is None
     assert kopt.deserialize(json.loads(json.dumps(kopt.serialize(auto)))).config["packed"] is None
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_tf_keras_optimizers_take_packed_and_keep_tensorflows_numbers(legacy):
+    # tests/fixtures/tf_keras holds TensorFlow's own numbers for these; here packed must give per-leaf's.
+    params = {"a": jnp.linspace(-1.0, 1.0, 6).reshape(2, 3), "b": jnp.ones(3), "c": jnp.zeros(4)}
+    grads = jax.tree.map(lambda p: jnp.cos(2.0 * p) + 0.5, params)
+    for make in (kopt.tf_keras.Adam, kopt.tf_keras.RMSprop, kopt.tf_keras.Nadam):
+        per_leaf = make(learning_rate=0.01, global_clipnorm=0.5, is_legacy_optimizer=legacy)
+        packed = make(learning_rate=0.01, global_clipnorm=0.5, is_legacy_optimizer=legacy, packed=True)
+        assert kopt.serialize(packed)["config"]["packed"] is True
+        assert "packed" not in kopt.serialize(per_leaf)["config"]
+        s1, s2, p1, p2 = per_leaf.init(params), packed.init(params), params, params
+        assert kopt.packing.holds_packed(s2) and not kopt.packing.holds_packed(s1)
+        for _ in range(3):
+            u1, s1 = per_leaf.update(grads, s1, p1)
+            u2, s2 = packed.update(grads, s2, p2)
+            p1, p2 = kopt.apply_updates(p1, u1), kopt.apply_updates(p2, u2)
+        chex.assert_trees_all_close(p2, p1, rtol=1e-6, atol=1e-7)
+
+
+def test_tf_keras_per_variable_clipnorm_keeps_leaves_apart():
+    params = {"a": jnp.ones(3), "b": jnp.ones(2)}
+    with pytest.raises(ValueError, match=r"clipnorm=...\) clips each variable on its own norm: it cannot be packed"):
+        kopt.tf_keras.Adam(clipnorm=1.0, packed=True)
+    auto = kopt.tf_keras.Adam(clipnorm=1.0, packed=None)  # auto: nothing it may pack
+    assert not kopt.packing.holds_packed(auto.init(params))
+    updates, _ = auto.update({"a": jnp.full(3, 10.0), "b": jnp.full(2, 0.1)}, auto.init(params), params)
+    assert float(updates["a"][0]) == pytest.approx(-0.001, rel=1e-3)  # Adam's first step: -lr * sign(g)
