@@ -94,6 +94,14 @@ def as_real(name: str, value: Any) -> float | jax.Array:
     A traced scalar (a hyperparameter inside ``jit``, as ``optax.inject_hyperparams``
     passes them) is checked for its shape and dtype only and returned as it is.
     """
+    if type(value) in (float, int):  # the common case, without NumPy's overhead (configs hold thousands)
+        try:
+            result = float(value)
+        except OverflowError:
+            raise ValueError(f"{name} must be finite, got an integer of {value.bit_length()} bits") from None
+        if not math.isfinite(result):
+            raise ValueError(f"{name} must be finite, got {result}")
+        return result
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.ndarray, jax.Array)):
         raise ValueError(f"{name} must be a real number, got {value!r} of type {type(value).__name__}")
     if np.ndim(value) != 0:
