@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kopt.file_safety import shorten
 from kopt.validation import as_real, check_bool, check_count, check_hyperparam, is_concrete
 
 
@@ -57,7 +58,7 @@ def _made_by(name: str, fn: Callable[..., jax.Array], hyperparams: dict[str, flo
 def _boundaries(boundaries: Sequence[int], minimum: int) -> list[int]:
     result = [check_count("boundaries", b, minimum=minimum) for b in boundaries]
     if any(b >= c for b, c in itertools.pairwise(result)):
-        raise ValueError(f"boundaries must be strictly increasing, got {result}")
+        raise ValueError(f"boundaries must be strictly increasing, got {shorten(result)}")
     return result
 
 
@@ -369,7 +370,7 @@ def from_config(config: Mapping[str, Any]) -> Schedule:
     arguments = config.get("config") if isinstance(config, Mapping) else None
     if class_name not in SCHEDULES or not isinstance(arguments, Mapping) or set(config) != {"class_name", "config"}:
         raise ValueError(
-            f"{config!r} is not a kopt schedule config: expected {{'class_name': one of {', '.join(SCHEDULES)}, "
+            f"{shorten(config)} is not a kopt schedule config: expected {{'class_name': one of {', '.join(SCHEDULES)}, "
             "'config': {...}}"
         )
     constructor = SCHEDULES[class_name]

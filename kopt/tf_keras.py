@@ -64,6 +64,7 @@ from typing import Any
 from kopt import packing, schedules
 from kopt.base import GradientTransformation, chain
 from kopt.clipping import clip_by_global_norm, clip_by_norm, clip_by_value
+from kopt.file_safety import shorten
 from kopt.optimizers import LearningRate, Optimizer, switched_on
 from kopt.transforms import (
     add_decayed_weights,
@@ -130,7 +131,9 @@ def _piecewise(c: Mapping[str, Any]) -> schedules.Schedule:
     if len(values) != len(boundaries) + 1:
         raise ValueError(f"PiecewiseConstantDecay needs len(boundaries) + 1 values, got {len(values)} values")
     if any(previous == 0 and value != 0 for previous, value in itertools.pairwise(values)):
-        raise ValueError(f"PiecewiseConstantDecay values {values}: kopt scales its rate, so a 0 cannot rise again")
+        raise ValueError(
+            f"PiecewiseConstantDecay values {shorten(values)}: kopt scales its rate, so a 0 cannot rise again"
+        )
     steps = [math.floor(as_real("PiecewiseConstantDecay boundaries", b)) + 1 for b in boundaries]
     scales = [value / previous if previous else 0.0 for previous, value in itertools.pairwise(values)]
     return schedules.piecewise_constant(values[0], steps, scales)
@@ -196,12 +199,13 @@ def schedule_from_config(config: Mapping[str, Any]) -> schedules.Schedule:
         return schedules.from_config(config)
     if class_name not in _SCHEDULES or not isinstance(arguments, Mapping):
         raise ValueError(
-            f"learning_rate {config!r} is not a TensorFlow schedule config kopt knows; known: {', '.join(_SCHEDULES)}"
+            f"learning_rate {shorten(config)} is not a TensorFlow schedule config kopt knows; "
+            f"known: {', '.join(_SCHEDULES)}"
         )
     try:
         return _SCHEDULES[class_name](arguments)
     except KeyError as missing:
-        raise ValueError(f"{class_name} config lacks {missing}: {dict(arguments)!r}") from None
+        raise ValueError(f"{class_name} config lacks {missing}: {shorten(dict(arguments))}") from None
 
 
 # --------------------------------------------------------------------------- shared construction
