@@ -308,9 +308,10 @@ _NPY_MINIMUM = 64
 
 #: The JSON header of a checkpoint of ``n`` leaves holds at most ``HEADER_BASE + HEADER_PER_LEAF * n`` bytes:
 #: a leaf's record (path, shape, dtype, stored_as) is about 100 bytes, 1 KiB leaves room for deep paths;
-#: the base holds the format fields, the checksum and the optimizer config (a few hundred bytes; a
-#: piecewise schedule adds ~20 bytes a boundary).
-HEADER_BASE = 64 << 10
+#: the base holds the format fields, the checksum and the optimizer config: any config ``deserialize``
+#: accepts (at most ``serialization.MAX_CONFIG_VALUES`` = 20000 values, ~30 bytes each in JSON) fits, so
+#: a checkpoint ``save_state`` writes always loads.
+HEADER_BASE = 1 << 20
 HEADER_PER_LEAF = 1 << 10
 
 

@@ -224,10 +224,10 @@ def test_checkpoint_header_bound_is_bytes_on_disk(tmp_path):
     refused(lambda: kopt.read_checkpoint_header(path), kopt.CheckpointCorruptedError, "'header.npy' is compressed")
     write_zip(path, [("header.npy", header.getvalue()), *empty])  # stored: 4 MiB on disk, but empty leaves
     refused(lambda: kopt.read_checkpoint_header(path), kopt.CheckpointCorruptedError, "'leaf_0.npy' holds 0 bytes")
-    # Stored, leaves as small as a .npy can be: the header may hold 64 KiB + 1 KiB a leaf, not 4 KiB a leaf.
+    # Stored, leaves as small as a .npy can be: the header may hold 1 MiB + 1 KiB a leaf, not 4 KiB a leaf.
     smallest = io.BytesIO()
     np.save(smallest, np.zeros(0, np.float32))
-    assert len(smallest.getvalue()) == 128 and kopt.checkpoint.header_limit(leaves) == (64 << 10) + 1024 * leaves
+    assert len(smallest.getvalue()) == 128 and kopt.checkpoint.header_limit(leaves) == (1 << 20) + 1024 * leaves
     text = b"[" + b"[]," * ((kopt.checkpoint.header_limit(leaves) + 1) // 3) + b"[]]"
     header = io.BytesIO()
     np.save(header, np.frombuffer(text, np.uint8))
@@ -853,3 +853,17 @@ def test_fuzzed_checkpoints_load_exactly_or_fail_clearly(tmp_path_factory, mutat
         except ValueError:  # CheckpointCorruptedError, or a header that no longer matches `like`
             return
     jax.tree.map(np.testing.assert_array_equal, loaded, tree)  # the checksum: never other numbers
+
+
+def test_a_checkpoint_with_a_big_but_valid_config_loads(tmp_path):
+    # Any config deserialize accepts fits the header's base allowance: save_state never writes what load refuses.
+    n = 9000
+    opt = kopt.Adam(lr=kopt.piecewise_constant(0.1, list(range(1, n + 1)), [0.999] * n))
+    params = {"w": jnp.ones(2)}
+    path = tmp_path / "big_config.ckpt"
+    kopt.save_state(path, opt.init(params), config=opt)
+    header = kopt.read_checkpoint_header(path)
+    assert len(header["config"]["config"]["lr"]["config"]["boundaries"]) == n
+    restored = kopt.deserialize(header["config"])
+    state = kopt.load_state(path, restored.init(params), config=opt)
+    assert float(kopt.get_hyperparams(state)["lr"]) == pytest.approx(0.1)
