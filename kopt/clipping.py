@@ -6,12 +6,13 @@ The thresholds are hyperparameters held in the state (``max_norm``,
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from kopt.base import GradientTransformation, expects
+from kopt.base import GradientTransformation, Updates, expects
 from kopt.packing import refuse_packed
 from kopt.state import current_hyperparams, init_hyperparams
 from kopt.tree import check_real, map_arrays, squares, sum_of_squares
@@ -24,7 +25,9 @@ class ClipState(NamedTuple):
     hyperparams: dict[str, jax.Array]
 
 
-def _clip_transform(name: str, value: float, update_with, real_only: bool = False) -> GradientTransformation:
+def _clip_transform(
+    name: str, value: float, update_with: Callable[[Updates, jax.Array], Updates], real_only: bool = False
+) -> GradientTransformation:
     """A stateless-but-for-its-threshold transformation; ``update_with(updates, threshold)``."""
     values = {name: check_hyperparam(name, value)}
 

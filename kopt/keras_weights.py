@@ -77,6 +77,7 @@ from kopt.base import OptState, Params
 from kopt.optimizers import Optimizer
 from kopt.state import get_slot, set_slot
 from kopt.state import iterations as step_count
+from kopt.tree import first_complex
 
 __all__ = ["from_keras_weights", "to_keras_weights"]
 
@@ -403,12 +404,12 @@ def _as_schedule(value: Any) -> np.ndarray:
 
 def _refuse_complex(tree: Any, what: str) -> None:
     """Keras keeps real weights only: a complex param (or slot) has no Keras counterpart to go to or come from."""
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        if jnp.iscomplexobj(leaf):
-            raise ValueError(
-                f"{what}{jax.tree_util.keystr(path)} is complex ({jnp.result_type(leaf)}): Keras optimizer weights "
-                "are real, so complex params have no Keras weights (save the state with kopt.save_state instead)"
-            )
+    found = first_complex(tree)
+    if found:
+        raise ValueError(
+            f"{what}{found[0]} is complex ({found[1]}): Keras optimizer weights "
+            "are real, so complex params have no Keras weights (save the state with kopt.save_state instead)"
+        )
 
 
 def to_keras_weights(opt: Optimizer, state: OptState, *, flavor: str | None = None) -> list[np.ndarray]:

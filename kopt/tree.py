@@ -96,14 +96,22 @@ def check_updates(updates: Updates) -> list[jnp.dtype]:
     return dtypes
 
 
+def first_complex(tree: Any) -> tuple[str, jnp.dtype] | None:
+    """``(path, dtype)`` of the first complex leaf of ``tree`` (``keystr`` path), or ``None`` if all are real."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if jnp.iscomplexobj(leaf):
+            return jax.tree_util.keystr(path), jnp.result_type(leaf)
+    return None
+
+
 def check_real(transform: str, tree: Any, what: str) -> None:
     """A ``TypeError`` naming the first complex leaf of ``tree``, for math that has no complex meaning."""
-    for index, leaf in enumerate(jax.tree.leaves(tree)):
-        if jnp.iscomplexobj(leaf):
-            raise TypeError(
-                f"{what}{_path(tree, index)} is complex ({jnp.result_type(leaf)}), but {transform} "
-                "compares numbers, and complex numbers have no order; use real leaves or leave it out"
-            )
+    found = first_complex(tree)
+    if found:
+        raise TypeError(
+            f"{what}{found[0]} is complex ({found[1]}), but {transform} "
+            "compares numbers, and complex numbers have no order; use real leaves or leave it out"
+        )
 
 
 def complex_for_real(where: str) -> TypeError:
