@@ -540,7 +540,11 @@ def load_state(path: str | os.PathLike[str], like: Any, *, config: Any = None) -
     path = os.fspath(path)
     packed_like = like if packing.holds_packed(like) else None
     if packed_like is not None:  # files hold states leaf by leaf (see save_state)
-        like = jax.eval_shape(packing.leaf_by_leaf, like)
+        like = jax.tree.map(  # only the packed states: other leaves (Python numbers, say) stay as given
+            lambda node: jax.eval_shape(packing.leaf_by_leaf, node) if isinstance(node, packing.PackedState) else node,
+            like,
+            is_leaf=lambda node: isinstance(node, packing.PackedState),
+        )
     like_flat, treedef = jax.tree_util.tree_flatten_with_path(like)
     given_config = _normalized_config(config)
     with _checkpoint_archive(path) as archive:

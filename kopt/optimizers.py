@@ -154,7 +154,7 @@ def _keras_optimizer(
     """Prepends Keras' gradient clipping to ``transforms``, packs the chain if asked, labels it.
 
     ``state_dtype`` (already given to the transforms) is added to the config
-    when set, by name, so configs stay JSON; ``packed`` when not the default ``False``.
+    when set, by name, so configs stay JSON; ``packed`` when not the default ``None``.
     """
     clipnorm = check_clip_option("clipnorm", clipnorm)
     clipvalue = check_clip_option("clipvalue", clipvalue)
@@ -167,7 +167,7 @@ def _keras_optimizer(
     if state_dtype is not None:
         config = {**config, "state_dtype": check_state_dtype(state_dtype).name}
     transform = packing.as_asked(rounded_once(chain(*clipping, *transforms)), packed)
-    if packed is not False:  # the default stays out of configs, which then read as Keras' own
+    if packed is not None:  # the default stays out of configs, which then read as Keras' own
         config = {**config, "packed": packed}
     return Optimizer(transform, class_name, {**given, **config})
 
@@ -182,7 +182,7 @@ def SGD(
     clipvalue: float | None = None,
     learning_rate: LearningRate | None = None,
     state_dtype: Any = None,
-    packed: bool | None = False,
+    packed: bool | None = None,
 ) -> Optimizer:
     """Stochastic gradient descent with momentum (Keras 2).
 
@@ -220,7 +220,7 @@ def RMSprop(
     clipvalue: float | None = None,
     learning_rate: LearningRate | None = None,
     state_dtype: Any = None,
-    packed: bool | None = False,
+    packed: bool | None = None,
 ) -> Optimizer:
     """RMSprop (Keras 2): ``a <- rho*a + (1-rho)*g**2``; ``p <- p - lr_i*g / (sqrt(a) + epsilon)``.
 
@@ -256,7 +256,7 @@ def Adagrad(
     clipvalue: float | None = None,
     learning_rate: LearningRate | None = None,
     state_dtype: Any = None,
-    packed: bool | None = False,
+    packed: bool | None = None,
 ) -> Optimizer:
     """Adagrad (Keras 2): ``a <- a + g**2`` (from zero); ``p <- p - lr_i*g / (sqrt(a) + epsilon)``.
 
@@ -297,7 +297,7 @@ def Adadelta(
     clipvalue: float | None = None,
     learning_rate: LearningRate | None = None,
     state_dtype: Any = None,
-    packed: bool | None = False,
+    packed: bool | None = None,
 ) -> Optimizer:
     """Adadelta (Keras 2): ``p <- p - lr_i*u`` with ``u`` from :func:`~kopt.scale_by_adadelta`.
 
@@ -335,7 +335,7 @@ def Adam(
     clipvalue: float | None = None,
     learning_rate: LearningRate | None = None,
     state_dtype: Any = None,
-    packed: bool | None = False,
+    packed: bool | None = None,
 ) -> Optimizer:
     """Adam (Keras 2), optionally AMSGrad.
 
@@ -376,7 +376,7 @@ def AdamW(
     clipvalue: float | None = None,
     learning_rate: LearningRate | None = None,
     state_dtype: Any = None,
-    packed: bool | None = False,
+    packed: bool | None = None,
 ) -> Optimizer:
     """Adam of the spec with decoupled weight decay (a kopt extension; Keras 2 has no AdamW).
 
@@ -427,7 +427,7 @@ def Adamax(
     clipvalue: float | None = None,
     learning_rate: LearningRate | None = None,
     state_dtype: Any = None,
-    packed: bool | None = False,
+    packed: bool | None = None,
 ) -> Optimizer:
     """Adamax (Keras 2): ``p <- p - lr_i/(1-beta_1**t) * m / (u + epsilon)``, ``u <- max(beta_2*u, |g|)``.
 
@@ -464,7 +464,7 @@ def Nadam(
     clipvalue: float | None = None,
     learning_rate: LearningRate | None = None,
     state_dtype: Any = None,
-    packed: bool | None = False,
+    packed: bool | None = None,
 ) -> Optimizer:
     """Nadam (Keras 2): Adam with Nesterov momentum and a momentum schedule; no ``decay``.
 

@@ -62,6 +62,11 @@ ALONE = 1 << 16
 #: A buffer is closed at this many elements, so offsets inside it stay int32.
 BUFFER_LIMIT = 1 << 30
 
+#: A buffer of several leaves is padded with zeros to a multiple of this many elements, so that ZeRO-1
+#: (``kopt.init_shardings(..., axis=)``) can split it evenly over any power of two up to 128 devices. The
+#: padding's gradient is zero, and every rule kopt has maps a zero gradient on a zero slot to a zero update.
+PAD_TO = 128
+
 #: ... or at this many leaves: XLA's compile time per leaf grows with the number of leaves cut out of one
 #: buffer (and a concatenation of many operands runs slowly), so buffers of 128 leaves compiled fastest
 #: on the trees of benchmarks/ (64 and 256 were slower, one buffer per dtype far slower).
@@ -70,7 +75,13 @@ LEAVES_PER_BUFFER = 128
 
 def _shared_across_devices(leaf: Any) -> bool:
     """Whether ``leaf`` is laid out across several devices (not a copy on each): packing it would gather it."""
-    sharding = getattr(leaf, "sharding", None)
+    typed = getattr(getattr(leaf, "aval", None), "sharding", None)  # a traced leaf under an explicit-axes mesh
+    if any(axis is not None for axis in getattr(typed, "spec", ())):
+        return True
+    try:
+        sharding = getattr(leaf, "sharding", None)
+    except Exception:  # a tracer has no concrete sharding
+        return False
     if sharding is None:
         return False
     try:
@@ -81,6 +92,12 @@ def _shared_across_devices(leaf: Any) -> bool:
 
 def _has_metadata(node: Any) -> bool:
     return callable(getattr(node, "get_metadata", None))  # a Flax NNX Variable (Param, ...)
+
+
+def _outline(tree: Any) -> Any:
+    """``tree``'s structure with each variable (a node carrying metadata) as one leaf: the params given to
+    ``init`` and the updates then agree whether or not they wrap their arrays in variables."""
+    return jax.tree.structure(tree, is_leaf=_has_metadata)
 
 
 def _asks_own_sharding(node: Any) -> bool:
@@ -116,10 +133,11 @@ class Layout:
     buffers: tuple[str, ...]
     starts: tuple[int, ...]
     rows: tuple[int, ...]
+    outline: Any = None  # the params' structure with variables (NNX ``Param``, ...) as leaves: see leaves_of
 
     @functools.cached_property
     def _hash(self) -> int:
-        return hash((self.treedef, self.shapes, self.buffers, self.starts, self.rows))
+        return hash((self.treedef, self.shapes, self.buffers, self.starts, self.rows, self.outline))
 
     def __hash__(self) -> int:  # jit hashes the state's structure on every call: once per layout is enough
         return self._hash
@@ -132,6 +150,15 @@ class Layout:
         for k in order:
             members.setdefault(self.buffers[k], []).append(k)
         return {buffer: tuple(leaves) for buffer, leaves in members.items()}
+
+    @functools.cached_property
+    def padding(self) -> dict[str, int]:
+        """The zeros after the leaves of each buffer of several leaves (see :data:`PAD_TO`)."""
+        return {
+            buffer: -sum(math.prod(self.shapes[k]) for k in leaves) % PAD_TO
+            for buffer, leaves in self.members.items()
+            if len(leaves) > 1
+        }
 
     @functools.cached_property
     def row_count(self) -> int:
@@ -181,11 +208,16 @@ class Layout:
                 filled[buffer] += size
                 held[buffer] += 1
                 row += 1
-        return cls(treedef, shapes, tuple(buffers), tuple(starts), tuple(rows))
+        return cls(treedef, shapes, tuple(buffers), tuple(starts), tuple(rows), _outline(params))
 
     def leaves_of(self, tree: Any, what: str) -> list:
         """The leaves of ``tree``, checked against the params' shapes; the tree may wrap them in other
         nodes (Flax NNX's ``Param``, say) than the params given to ``init`` did."""
+        if self.outline is not None and _outline(tree) != self.outline:  # same leaves under other keys, say
+            raise ValueError(
+                f"{what} has structure {jax.tree.structure(tree)}, but the optimizer state was built for "
+                f"{self.treedef}; pass {what} with the structure of the params given to init"
+            )
         leaves = jax.tree.leaves(tree)
         if len(leaves) != len(self.shapes):
             raise ValueError(
@@ -211,7 +243,7 @@ class Layout:
             {  # a leaf alone stays as it is: no copy, and it keeps its sharding
                 buffer: jnp.asarray(leaves[members[0]])
                 if len(members) == 1
-                else jnp.concatenate([jnp.ravel(leaves[k]) for k in members])
+                else _concatenated([leaves[k] for k in members], self.padding[buffer])
                 for buffer, members in self.members.items()
             },
             self,
@@ -234,6 +266,11 @@ class Layout:
                 leaf = jax.lax.slice(flat, (start + row * size,), (start + (row + 1) * size,)).reshape(shape)
             leaves.append(leaf)
         return (treedef or self.treedef).unflatten(leaves)
+
+
+def _concatenated(leaves: list, padding: int) -> jax.Array:
+    parts = [jnp.ravel(leaf) for leaf in leaves]
+    return jnp.concatenate([*parts, jnp.zeros(padding, jnp.result_type(*parts))] if padding else parts)
 
 
 @jax.tree_util.register_pytree_with_keys_class
@@ -373,12 +410,12 @@ def packed(inner: GradientTransformation, *, auto: bool = False) -> GradientTran
             return inner.init(params)  # nothing to pack: the per-leaf state, as without packing
         return PackedState(layout, inner.init(layout.pack(params, "params")), _rows(layout))
 
+    @compiled_when_eager
     def update(updates: Updates, state: PackedState | OptState, params: Params | None = None, **extra_args):
         if auto and not isinstance(state, PackedState):
             return inner.update(updates, state, params, **extra_args)
         return packed_update(updates, state, params, **extra_args)
 
-    @compiled_when_eager
     @expects(PackedState)
     def packed_update(updates: Updates, state: PackedState, params: Params | None = None, **extra_args):
         layout = state.layout

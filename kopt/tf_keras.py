@@ -314,7 +314,7 @@ def _optimizer(
     velocity holds lr-scaled steps, as TensorFlow's does.
     """
     legacy = options["is_legacy_optimizer"]
-    packed = options.pop("packed", False)
+    packed = options.pop("packed", None)
     rate = _schedule(config["learning_rate"], options.get("decay", 0.0) if legacy else 0.0)
     decay = []
     weight_decay = options.get("weight_decay")
@@ -339,7 +339,7 @@ def _optimizer(
     ordered = {"name": options.pop("name"), **{k: v for k, v in options.items() if k != "is_legacy_optimizer"}}
     if not legacy:
         ordered["is_legacy_optimizer"] = False
-    if packed is not False:  # a kopt option (as kopt.Adam's), written only when not the default
+    if packed is not None:  # a kopt option (as kopt.Adam's), written only when not the default
         ordered["packed"] = packed
     return Optimizer(transform, class_name, {**ordered, **config}, LEGACY if legacy else CURRENT)
 

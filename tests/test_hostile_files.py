@@ -235,8 +235,8 @@ def test_checkpoint_header_bound_is_bytes_on_disk(tmp_path):
     write_zip(path, [("header.npy", header.getvalue()), *small])
     limit = kopt.checkpoint.header_limit(leaves)
     refused(lambda: kopt.read_checkpoint_header(path), kopt.CheckpointCorruptedError, f"more than the {limit}")
-    # load_state bounds it by `like`'s leaves (14 here), whatever the file holds.
-    limit = kopt.checkpoint.header_limit(len(jax.tree.leaves(tree)))
+    # load_state bounds it by `like`'s leaves counted leaf by leaf (as files hold them), whatever the file holds.
+    limit = kopt.checkpoint.header_limit(len(jax.tree.leaves(kopt.packing.leaf_by_leaf(tree))))
     refused(lambda: kopt.load_state(path, tree), kopt.CheckpointCorruptedError, "'header.npy'", f"the {limit + 65536}")
 
 

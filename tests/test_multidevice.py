@@ -117,6 +117,22 @@ def test_zero1_splits_state_memory_by_device_count(single_host, reference):
     assert_equals_reference(out / "zero1.npz", reference)
 
 
+def test_zero1_on_the_default_layout_splits_the_packed_buffers(single_host, reference):
+    """The default (packed=None) packs these small replicated params into one buffer per slot: ZeRO-1 splits it
+    8 ways, and training gives the single-device per-leaf reference."""
+    out, result = single_host
+    zero1 = result["default_zero1"]
+    before, after = zero1["replicated"], zero1["zero1"]
+    assert before["per_device_state_bytes"] == [zero1["full_state_bytes"]]
+    assert len(after["per_device_state_bytes"]) == 1
+    assert after["per_device_state_bytes"][0] * 8 < 1.25 * zero1["full_state_bytes"]
+    assert before["unchanged_by_steps"] and after["unchanged_by_steps"]
+    assert before["step_mismatches"] == after["step_mismatches"] == []
+    assert zero1["state_shardings_mismatches"] == []
+    assert_equals_reference(out / "default_replicated.npz", reference)
+    assert_equals_reference(out / "default_zero1.npz", reference)
+
+
 def free_loopback_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -23,9 +23,11 @@ BATCH = 16  # divisible by 8 devices: 2 examples each
 SHAPES = {"w1": (8, 32), "b1": (32,), "w2": (32, 4), "b2": (4,)}  # b2 cannot be split 8 ways
 
 
-def make_opt() -> kopt.GradientTransformation:
-    # clipnorm needs the global norm over all (sharded) leaves; AMSGrad adds a third slot.
-    return kopt.Adam(lr=0.05, clipnorm=1.0, amsgrad=True)
+def make_opt(packed: bool | None = False) -> kopt.GradientTransformation:
+    # clipnorm needs the global norm over all (sharded) leaves; AMSGrad adds a third slot. The scenarios
+    # check each slot's sharding against its param's, so they keep slots leaf by leaf; the default layout
+    # (packed=None: these small replicated params share one buffer) has its own ZeRO-1 scenario.
+    return kopt.Adam(lr=0.05, clipnorm=1.0, amsgrad=True, packed=packed)
 
 
 def make_params() -> dict[str, np.ndarray]:

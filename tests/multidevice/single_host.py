@@ -153,7 +153,7 @@ def shard_map_data_parallel(opt, out_dir):
     return {"replicas_differ": different, "devices": len(params["w1"].addressable_shards)}
 
 
-def zero1(opt, out_dir):
+def zero1(opt, out_dir, prefix=""):
     """Data parallel with the optimizer state split 8 ways (ZeRO-1), against the same step with it replicated."""
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
     replicated = NamedSharding(mesh, P())
@@ -165,7 +165,7 @@ def zero1(opt, out_dir):
         held_at_init = common.per_device_bytes(state)
         step = jax.jit(common.make_step(opt), out_shardings=(param_shardings, shardings, replicated))
         new_params, state, mismatches = train(step, params, state, mesh, (param_shardings, shardings))
-        save(out_dir, name, new_params, state)
+        save(out_dir, prefix + name, new_params, kopt.packing.leaf_by_leaf(state))  # files: leaf by leaf
         held = common.per_device_bytes(state)
         summary = {
             "per_device_state_bytes": sorted(set(held.values())),
@@ -216,6 +216,7 @@ def main(out_dir):
             "auto": auto_axes(opt, out_dir),
             "shard_map": shard_map_data_parallel(opt, out_dir),
             "zero1": zero1(opt, out_dir),
+            "default_zero1": zero1(common.make_opt(packed=None), out_dir, prefix="default_"),
             "helper_rules": helper_rules(),
         }
     )
