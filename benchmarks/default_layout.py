@@ -1,11 +1,11 @@
-"""packed=None (auto, the candidate default of issue #22) against per leaf and optax: step, compile, memory.
+"""The default layout (packed=None, "auto") against per leaf and optax: step, compile, memory.
 
     python benchmarks/default_layout.py             # every tree, Adam and clipnorm + Adam (~35 min on 2 cores)
     python benchmarks/default_layout.py --quick     # the --quick trees of run.py (~8 min)
     python benchmarks/default_layout.py --trees resnet,bf16 --rounds 3
 
 For each tree and optimizer, three contestants live in one process: kopt with ``packed=None`` ("auto":
-the leaves that can share a buffer are packed), kopt per leaf (``packed=False``, today's default) and
+the default: the leaves that can share a buffer are packed), kopt per leaf (``packed=False``) and
 optax's peer from run.py. Each step is
 ``update`` + ``apply_updates`` jitted with params and state donated, exactly run.py's step. Metrics:
 
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
             print(table(results)[-1], flush=True)
     info = run.machine_info()
     header = [
-        "# packed=None (auto) against per leaf and optax",
+        "# The default layout (packed=None, auto) against per leaf and optax",
         "",
         f"`python benchmarks/default_layout.py {' '.join(argv if argv is not None else sys.argv[1:])}`, "
         f"{(datetime.datetime.now() - started).total_seconds() / 60:.0f} min. Step: median of interleaved, donated "

@@ -2,10 +2,11 @@
 
 Signatures and defaults are Keras 2.2.4's, plus ``clipnorm`` / ``clipvalue``
 on every optimizer, ``learning_rate`` as a synonym of ``lr``, ``state_dtype``
-(see :mod:`kopt.transforms`), ``packed`` (``True`` wraps the chain in
-:func:`kopt.packed`: same numbers, far faster on trees of many small leaves;
-``None`` packs only where ``init`` finds leaves to pack, see ``packed(auto=True)``;
-the default ``False`` keeps every slot leaf by leaf) and :func:`AdamW`. Each returns
+(see :mod:`kopt.transforms`), ``packed`` (the default ``None`` packs the
+small leaves of the params given to ``init`` into a few flat buffers and keeps
+big or device-split leaves alone, see ``kopt.packed(auto=True)``: same numbers,
+far faster on trees of many small leaves; ``True`` always packs; ``False``
+keeps every slot leaf by leaf) and :func:`AdamW`. Each returns
 an :class:`Optimizer`: the ``GradientTransformation`` of the chain, which also
 remembers its Keras config for :func:`kopt.serialize`.
 

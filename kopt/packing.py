@@ -134,6 +134,8 @@ class Layout:
     starts: tuple[int, ...]
     rows: tuple[int, ...]
     outline: Any = None  # the params' structure with variables (NNX ``Param``, ...) as leaves: see leaves_of
+    # each param's dtype; not part of the structure, so float32 and float64 params have equal layouts
+    dtypes: tuple[str, ...] = dataclasses.field(default=(), compare=False)
 
     @functools.cached_property
     def _hash(self) -> int:
@@ -181,7 +183,7 @@ class Layout:
         for k, (leaf, dtype, shape) in enumerate(zip(leaves, dtypes, shapes, strict=True)):
             name = jnp.dtype(dtype).name
             if math.prod(shape) >= ALONE or _shared_across_devices(leaf) or own[k]:
-                alone[k] = f"{name}_leaf{k}"
+                alone[k] = f"leaf{k}"
             else:
                 groups.setdefault((name, shape), []).append(k)
         buffers, starts, rows = [""] * len(leaves), [0] * len(leaves), [0] * len(leaves)
@@ -190,6 +192,9 @@ class Layout:
         filled: collections.Counter = collections.Counter()  # elements per buffer
         held: collections.Counter = collections.Counter()  # leaves per buffer
         opened: collections.Counter = collections.Counter()  # buffers per dtype, less one
+        # Named by the dtype's order of appearance, not the dtype: the same params in float64 have the same
+        # structure of state, so shardings computed for one dtype fit the other.
+        kinds = {name: f"buffer{index}" for index, name in enumerate(dict.fromkeys(name for name, _ in groups))}
         for (name, shape), members in groups.items():
             size = math.prod(shape)
 
@@ -199,16 +204,17 @@ class Layout:
             buffer, start, row = "", 0, 0
             for k in members:
                 if not buffer or full(buffer):  # the group starts, or goes on in the next buffer from row 0
-                    buffer = f"{name}_{opened[name]}"
+                    buffer = f"{kinds[name]}_{opened[name]}"
                     while full(buffer):
                         opened[name] += 1
-                        buffer = f"{name}_{opened[name]}"
+                        buffer = f"{kinds[name]}_{opened[name]}"
                     start, row = filled[buffer], 0
                 buffers[k], starts[k], rows[k] = buffer, start, row
                 filled[buffer] += size
                 held[buffer] += 1
                 row += 1
-        return cls(treedef, shapes, tuple(buffers), tuple(starts), tuple(rows), _outline(params))
+        names = tuple(jnp.dtype(dtype).name for dtype in dtypes)
+        return cls(treedef, shapes, tuple(buffers), tuple(starts), tuple(rows), _outline(params), names)
 
     def leaves_of(self, tree: Any, what: str) -> list:
         """The leaves of ``tree``, checked against the params' shapes; the tree may wrap them in other
@@ -236,7 +242,7 @@ class Layout:
         (check_updates if what == "updates" else check_params)(tree)
         leaves = self.leaves_of(tree, what)
         for index, leaf in enumerate(leaves):  # a buffer of real params would drop the imaginary part
-            if jnp.iscomplexobj(leaf) and not self.buffers[index].startswith("complex"):
+            if jnp.iscomplexobj(leaf) and not self.dtypes[index].startswith("complex"):
                 path = jax.tree_util.keystr(jax.tree_util.tree_flatten_with_path(tree)[0][index][0])
                 raise complex_for_real(f"{what}{path}")
         return PackedArrays(
@@ -258,8 +264,8 @@ class Layout:
         leaves = []
         for shape, buffer, start, row in zip(self.shapes, self.buffers, self.starts, self.rows, strict=True):
             size, flat = math.prod(shape), packed.buffers[buffer]
-            if len(self.members[buffer]) == 1:  # a leaf alone is its buffer, as it is
-                leaf = flat
+            if len(self.members[buffer]) == 1 or isinstance(flat, jax.sharding.Sharding):
+                leaf = flat  # a leaf alone is its buffer, as it is; a leaf of a tree of shardings is its buffer's
             elif rows and self.row_count:
                 leaf = jax.lax.dynamic_slice(flat, (start + rows[row] * size,), (size,)).reshape(shape)
             else:
@@ -428,9 +434,9 @@ def packed(inner: GradientTransformation, *, auto: bool = False) -> GradientTran
 
 
 def as_asked(transform: GradientTransformation, option: bool | None) -> GradientTransformation:
-    """``transform`` laid out as the aliases' ``packed=option`` asks: ``None`` packs where ``init`` finds leaves
-    to pack (:func:`packed` with ``auto=True``), ``True`` always packs, ``False`` (the default) keeps the
-    per-leaf state."""
+    """``transform`` laid out as the aliases' ``packed=option`` asks: ``None`` (the default) packs where
+    ``init`` finds leaves to pack (:func:`packed` with ``auto=True``), ``True`` always packs, ``False`` keeps
+    the per-leaf state."""
     if option is not None and not isinstance(option, bool):
         raise ValueError(f"packed must be True, False or None, got {option!r}")
     return transform if option is False else packed(transform, auto=option is None)

@@ -43,6 +43,11 @@ kept; ``use_ema=True`` is refused (TensorFlow overwrites the model's weights
 with their moving average, which a gradient transformation cannot do: see
 ``kopt.ema_params``).
 
+Every constructor also takes kopt's ``packed`` (as ``kopt.Adam``): the default
+``None`` packs the small leaves into flat buffers, ``False`` keeps every slot
+leaf by leaf, ``True`` always packs. A ``clipnorm`` clips each variable on its
+own norm, so such an optimizer keeps its leaves apart (``packed=True`` is refused).
+
     >>> import kopt
     >>> opt = kopt.tf_keras.Adagrad()                   # == tf_keras.optimizers.legacy.Adagrad()
     >>> opt.config["learning_rate"], opt.config["initial_accumulator_value"]

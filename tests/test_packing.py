@@ -78,7 +78,7 @@ class PackedMatchesPerLeaf(chex.TestCase):
     def test_alias_matches_per_leaf(self, name, config, scale):
         params = make_params(self.dtype)
         grads = make_grads(params, scale=scale)
-        plain_params, plain_state = trajectory(getattr(kopt, name)(**config), params, grads, self.variant)
+        plain_params, plain_state = trajectory(getattr(kopt, name)(**config, packed=False), params, grads, self.variant)
         packed_params, packed_state = trajectory(
             getattr(kopt, name)(**config, packed=True), params, grads, self.variant
         )
@@ -115,8 +115,8 @@ class PackedMatchesPerLeaf(chex.TestCase):
         grads = make_grads(params)
         grads[2] = jax.tree.map(lambda g: g * jnp.nan, grads[2])  # exercises skip_nonfinite
         extra = {"value": jnp.asarray(3.0, self.dtype)}  # a flat loss: reduce_on_plateau cuts the rate
-        plain = trajectory(wrap(kopt.Adam(lr=0.1, amsgrad=True)), params, grads, self.variant, **extra)
-        inside = trajectory(kopt.packed(wrap(kopt.Adam(lr=0.1, amsgrad=True))), params, grads, self.variant, **extra)
+        plain = trajectory(wrap(kopt.Adam(lr=0.1, amsgrad=True, packed=False)), params, grads, self.variant, **extra)
+        inside = trajectory(kopt.packed(wrap(kopt.Adam(lr=0.1, amsgrad=True, packed=False))), params, grads, self.variant, **extra)
         outside = trajectory(wrap(kopt.Adam(lr=0.1, amsgrad=True, packed=True)), params, grads, self.variant, **extra)
         for packed_params, _ in (inside, outside):
             self.assert_same(packed_params, plain[0])
@@ -160,8 +160,8 @@ def test_layout_groups_leaves_by_shape_and_cuts_them_at_rows_carried_as_data():
     m = state.inner_state[0].m
     assert isinstance(m, kopt.PackedArrays)
     # 3 blocks of 17 elements and a head of 12, padded with zeros to 128 (ZeRO-1 splits it evenly)
-    assert {name: int(b.size) for name, b in m.buffers.items()} == {"float32_0": 128}
-    assert kopt.packing.PAD_TO == 128 and state.layout.padding == {"float32_0": 128 - (3 * 17 + 12)}
+    assert {name: int(b.size) for name, b in m.buffers.items()} == {"buffer0_0": 128}
+    assert kopt.packing.PAD_TO == 128 and state.layout.padding == {"buffer0_0": 128 - (3 * 17 + 12)}
     # Leaves of one shape form a group: one start, consecutive rows, whatever their order in the tree.
     layout = state.layout
     paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
@@ -186,13 +186,13 @@ def test_layout_caps_leaves_per_buffer_and_keeps_big_leaves_alone():
     chex.assert_trees_all_equal(layout.unpack(packed_params), params)
     chex.assert_trees_all_equal(layout.unpack(packed_params, state.rows), params)
     big = {"big": jnp.ones(1 << 16), "small": jnp.ones(3)}
-    assert kopt.Adam(packed=True).init(big).layout.buffers == ("float32_leaf0", "float32_0")
+    assert kopt.Adam(packed=True).init(big).layout.buffers == ("leaf0", "buffer0_0")
 
 
 def test_mixed_dtypes_get_separate_buffers_and_the_per_leaf_dtypes():
     params = {"a": jnp.ones(3, jnp.bfloat16), "b": jnp.ones(2, jnp.float32), "c": jnp.ones(2, jnp.bfloat16)}
     grads = jax.tree.map(lambda p: (p * 0.3).astype(p.dtype), params)
-    plain, packed = kopt.Adam(lr=0.1), kopt.Adam(lr=0.1, packed=True)
+    plain, packed = kopt.Adam(lr=0.1, packed=False), kopt.Adam(lr=0.1, packed=True)
     ps, pk = plain.init(params), packed.init(params)
     for _ in range(3):
         u_plain, ps = plain.update(grads, ps, params)
@@ -200,7 +200,9 @@ def test_mixed_dtypes_get_separate_buffers_and_the_per_leaf_dtypes():
         chex.assert_trees_all_close(u_packed, u_plain, rtol=5e-7, atol=1e-8)
         chex.assert_trees_all_equal_dtypes(u_packed, u_plain)
     assert {b.dtype for b in pk.inner_state[0].m.buffers.values()} == {jnp.dtype(jnp.float32)}
-    assert sorted(pk.inner_state[0].m.buffers) == ["bfloat16_0", "float32_0"]  # a and c share one
+    # one buffer per dtype, in order of appearance: a and c (bfloat16) share buffer0, b (float32) is buffer1
+    assert pk.layout.buffers == ("buffer0_0", "buffer1_0", "buffer0_0")
+    assert pk.layout.dtypes == ("bfloat16", "float32", "bfloat16")
 
 
 def test_get_and_set_slot_work_leaf_by_leaf():
@@ -210,10 +212,10 @@ def test_get_and_set_slot_work_leaf_by_leaf():
     new_m = jax.tree.map(lambda p: jnp.full(p.shape, 0.25, p.dtype), params)
     state = kopt.set_slot(state, "m", new_m)
     chex.assert_trees_all_equal(kopt.get_slot(state, "m"), new_m)
-    plain = kopt.set_slot(kopt.Adam(lr=0.1).init(params), "m", new_m)
+    plain = kopt.set_slot(kopt.Adam(lr=0.1, packed=False).init(params), "m", new_m)
     grads = make_grads(params)[0]
     chex.assert_trees_all_close(
-        opt.update(grads, state, params)[0], kopt.Adam(lr=0.1).update(grads, plain, params)[0], rtol=5e-7, atol=1e-8
+        opt.update(grads, state, params)[0], kopt.Adam(lr=0.1, packed=False).update(grads, plain, params)[0], rtol=5e-7, atol=1e-8
     )
     with pytest.raises(ValueError, match="slot 'm' has structure"):
         kopt.set_slot(state, "m", {"w": jnp.zeros(3)})
@@ -238,9 +240,9 @@ def test_hyperparams_change_without_recompile():
     updates, _ = step(params, state, grads)
     assert len(traces) == 1
     reference = kopt.set_hyperparams(
-        kopt.Adam(lr=0.1).update(grads, kopt.Adam(lr=0.1).init(params))[1], lr=0.01, beta_1=0.5
+        kopt.Adam(lr=0.1, packed=False).update(grads, kopt.Adam(lr=0.1, packed=False).init(params))[1], lr=0.01, beta_1=0.5
     )
-    chex.assert_trees_all_close(updates, kopt.Adam(lr=0.1).update(grads, reference, params)[0], rtol=5e-7, atol=1e-8)
+    chex.assert_trees_all_close(updates, kopt.Adam(lr=0.1, packed=False).update(grads, reference, params)[0], rtol=5e-7, atol=1e-8)
 
 
 def test_serialize_and_checkpoint_round_trip(tmp_path):
@@ -254,7 +256,7 @@ def test_serialize_and_checkpoint_round_trip(tmp_path):
     kopt.save_state(tmp_path / "state.npz", state, config=config)
     loaded = kopt.load_state(tmp_path / "state.npz", again.init(params), config=config)
     chex.assert_trees_all_equal(loaded, state)
-    assert kopt.Adam().config.get("packed") is None  # off by default, and not in the config
+    assert kopt.Adam().config.get("packed") is None  # auto by default, and not in the config
 
 
 @pytest.mark.parametrize(
@@ -323,8 +325,8 @@ def test_packing_writes_each_leaf_once():
 def test_keras_weights_round_trip_through_the_packed_state(name):
     params = make_params(jnp.float32)
     del params["frozen"]  # Keras weights list every param
-    _, plain_state = trajectory(getattr(kopt, name)(), params, make_grads(params))
-    weights = kopt.to_keras_weights(getattr(kopt, name)(), plain_state)
+    _, plain_state = trajectory(getattr(kopt, name)(packed=False), params, make_grads(params))
+    weights = kopt.to_keras_weights(getattr(kopt, name)(packed=False), plain_state)
     packed_opt = getattr(kopt, name)(packed=True)
     state = kopt.from_keras_weights(packed_opt, params, weights)
     for expected, got in zip(weights, kopt.to_keras_weights(packed_opt, state), strict=True):
@@ -343,7 +345,7 @@ def test_vmapped_ensemble_matches_per_member_per_leaf_runs():
     state = jax.vmap(opt.init)(stacked)
     updates, state = jax.jit(jax.vmap(opt.update))(grads[0], state, stacked)
     for k, member in enumerate(members):
-        plain = kopt.Adam(lr=0.1)
+        plain = kopt.Adam(lr=0.1, packed=False)
         expected, _ = plain.update(make_grads(member, seed=k + 1)[0], plain.init(member), member)
         chex.assert_trees_all_close(jax.tree.map(lambda u, k=k: u[k], updates), expected, rtol=5e-7, atol=1e-8)
 
@@ -361,7 +363,7 @@ def test_scan_loop_matches_per_leaf():
 
         return jax.jit(lambda p: jax.lax.scan(body, (p, opt.init(p)), stacked)[0][0])(params)
 
-    chex.assert_trees_all_close(run(kopt.RMSprop(lr=0.01, packed=True)), run(kopt.RMSprop(lr=0.01)), rtol=5e-7)
+    chex.assert_trees_all_close(run(kopt.RMSprop(lr=0.01, packed=True)), run(kopt.RMSprop(lr=0.01, packed=False)), rtol=5e-7)
 
 
 def test_grad_through_an_update_matches_per_leaf():
@@ -379,7 +381,7 @@ def test_grad_through_an_update_matches_per_leaf():
         return jax.jit(jax.grad(loss))(grads[0])
 
     chex.assert_trees_all_close(
-        unrolled(kopt.Adam(lr=0.1, packed=True)), unrolled(kopt.Adam(lr=0.1)), rtol=1e-5, atol=1e-7
+        unrolled(kopt.Adam(lr=0.1, packed=True)), unrolled(kopt.Adam(lr=0.1, packed=False)), rtol=1e-5, atol=1e-7
     )
 
 
