@@ -116,7 +116,8 @@ class PackedMatchesPerLeaf(chex.TestCase):
         grads[2] = jax.tree.map(lambda g: g * jnp.nan, grads[2])  # exercises skip_nonfinite
         extra = {"value": jnp.asarray(3.0, self.dtype)}  # a flat loss: reduce_on_plateau cuts the rate
         plain = trajectory(wrap(kopt.Adam(lr=0.1, amsgrad=True, packed=False)), params, grads, self.variant, **extra)
-        inside = trajectory(kopt.packed(wrap(kopt.Adam(lr=0.1, amsgrad=True, packed=False))), params, grads, self.variant, **extra)
+        per_leaf = kopt.Adam(lr=0.1, amsgrad=True, packed=False)
+        inside = trajectory(kopt.packed(wrap(per_leaf)), params, grads, self.variant, **extra)
         outside = trajectory(wrap(kopt.Adam(lr=0.1, amsgrad=True, packed=True)), params, grads, self.variant, **extra)
         for packed_params, _ in (inside, outside):
             self.assert_same(packed_params, plain[0])
@@ -215,7 +216,10 @@ def test_get_and_set_slot_work_leaf_by_leaf():
     plain = kopt.set_slot(kopt.Adam(lr=0.1, packed=False).init(params), "m", new_m)
     grads = make_grads(params)[0]
     chex.assert_trees_all_close(
-        opt.update(grads, state, params)[0], kopt.Adam(lr=0.1, packed=False).update(grads, plain, params)[0], rtol=5e-7, atol=1e-8
+        opt.update(grads, state, params)[0],
+        kopt.Adam(lr=0.1, packed=False).update(grads, plain, params)[0],
+        rtol=5e-7,
+        atol=1e-8,
     )
     with pytest.raises(ValueError, match="slot 'm' has structure"):
         kopt.set_slot(state, "m", {"w": jnp.zeros(3)})
@@ -239,10 +243,9 @@ def test_hyperparams_change_without_recompile():
     state = kopt.set_hyperparams(state, lr=0.01, beta_1=0.5)
     updates, _ = step(params, state, grads)
     assert len(traces) == 1
-    reference = kopt.set_hyperparams(
-        kopt.Adam(lr=0.1, packed=False).update(grads, kopt.Adam(lr=0.1, packed=False).init(params))[1], lr=0.01, beta_1=0.5
-    )
-    chex.assert_trees_all_close(updates, kopt.Adam(lr=0.1, packed=False).update(grads, reference, params)[0], rtol=5e-7, atol=1e-8)
+    per_leaf = kopt.Adam(lr=0.1, packed=False)
+    reference = kopt.set_hyperparams(per_leaf.update(grads, per_leaf.init(params))[1], lr=0.01, beta_1=0.5)
+    chex.assert_trees_all_close(updates, per_leaf.update(grads, reference, params)[0], rtol=5e-7, atol=1e-8)
 
 
 def test_serialize_and_checkpoint_round_trip(tmp_path):
@@ -363,7 +366,8 @@ def test_scan_loop_matches_per_leaf():
 
         return jax.jit(lambda p: jax.lax.scan(body, (p, opt.init(p)), stacked)[0][0])(params)
 
-    chex.assert_trees_all_close(run(kopt.RMSprop(lr=0.01, packed=True)), run(kopt.RMSprop(lr=0.01, packed=False)), rtol=5e-7)
+    packed, per_leaf = (kopt.RMSprop(lr=0.01, packed=layout) for layout in (True, False))
+    chex.assert_trees_all_close(run(packed), run(per_leaf), rtol=5e-7)
 
 
 def test_grad_through_an_update_matches_per_leaf():
