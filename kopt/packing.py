@@ -73,21 +73,13 @@ PAD_TO = 128
 LEAVES_PER_BUFFER = 128
 
 
-def _shared_across_devices(leaf: Any) -> bool:
-    """Whether ``leaf`` is laid out across several devices (not a copy on each): packing it would gather it."""
-    typed = getattr(getattr(leaf, "aval", None), "sharding", None)  # a traced leaf under an explicit-axes mesh
-    if any(axis is not None for axis in getattr(typed, "spec", ())):
-        return True
-    try:
-        sharding = getattr(leaf, "sharding", None)
-    except Exception:  # a tracer has no concrete sharding
-        return False
-    if sharding is None:
-        return False
-    try:
-        return len(sharding.device_set) > 1 and not sharding.is_fully_replicated
-    except Exception:  # an abstract or exotic sharding: leave the leaf alone
-        return True
+def _split_across_devices(leaf: Any) -> bool:
+    """Whether ``leaf``'s type says it is split across devices (an explicit-axes mesh): packing it would
+    gather it. Only the type counts, never a concrete array's placement: a jitted ``init`` sees tracers,
+    and eager and jitted ``init`` must lay out the same params the same way (under auto axes a tracer's
+    type carries no split, so there a small leaf is packed wherever it lives)."""
+    typed = getattr(getattr(leaf, "aval", None), "sharding", None)
+    return any(axis is not None for axis in getattr(typed, "spec", ()))
 
 
 def _has_metadata(node: Any) -> bool:
@@ -116,9 +108,9 @@ class Layout:
     shape) starts at ``starts[k]``, so the leaf's elements are
     ``buffer[starts[k] + rows[k] * size : ... + size]``. One buffer holds
     the small leaves of one dtype, grouped by shape in order of appearance;
-    a leaf of :data:`ALONE` elements or more, one laid out across several
-    devices, or one whose variable metadata asks for a sharding (Flax NNX) is
-    a buffer by itself (a free reshape).
+    a leaf of :data:`ALONE` elements or more, one whose type splits it across
+    devices (an explicit-axes mesh), or one whose variable metadata asks for a
+    sharding (Flax NNX, Linen) is a buffer by itself (a free reshape).
 
     Why groups and rows: XLA compiles one kernel per distinct computation,
     and a slice at a baked-in offset is a distinct computation per leaf. The
@@ -182,7 +174,7 @@ class Layout:
         alone: dict[int, str] = {}
         for k, (leaf, dtype, shape) in enumerate(zip(leaves, dtypes, shapes, strict=True)):
             name = jnp.dtype(dtype).name
-            if math.prod(shape) >= ALONE or _shared_across_devices(leaf) or own[k]:
+            if math.prod(shape) >= ALONE or _split_across_devices(leaf) or own[k]:
                 alone[k] = f"leaf{k}"
             else:
                 groups.setdefault((name, shape), []).append(k)
@@ -262,8 +254,9 @@ class Layout:
         data-dependent offset, so leaves of one shape share one kernel; without them, at a static one.
         """
         leaves = []
+        whole = {name: _whole(flat) for name, flat in packed.buffers.items() if len(self.members[name]) > 1}
         for shape, buffer, start, row in zip(self.shapes, self.buffers, self.starts, self.rows, strict=True):
-            size, flat = math.prod(shape), packed.buffers[buffer]
+            size, flat = math.prod(shape), whole.get(buffer, packed.buffers[buffer])
             if len(self.members[buffer]) == 1 or isinstance(flat, jax.sharding.Sharding):
                 leaf = flat  # a leaf alone is its buffer, as it is; a leaf of a tree of shardings is its buffer's
             elif rows and self.row_count:
@@ -272,6 +265,15 @@ class Layout:
                 leaf = jax.lax.slice(flat, (start + row * size,), (start + (row + 1) * size,)).reshape(shape)
             leaves.append(leaf)
         return (treedef or self.treedef).unflatten(leaves)
+
+
+def _whole(flat: Any) -> Any:
+    """``flat`` gathered onto every device when its type splits it (ZeRO-1 under an explicit-axes mesh):
+    JAX does not cut leaves out of a split dimension, and the params the leaves update are whole anyway."""
+    if isinstance(flat, jax.sharding.Sharding) or not _split_across_devices(flat):
+        return flat
+    mesh = jax.typeof(flat).sharding.mesh
+    return jax.sharding.reshard(flat, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None)))
 
 
 def _concatenated(leaves: list, padding: int) -> jax.Array:
@@ -395,8 +397,8 @@ def packed(inner: GradientTransformation, *, auto: bool = False) -> GradientTran
     trees of many small leaves; for a few big ones packing only adds a copy.
 
     With ``auto=True`` (the aliases' ``packed=None``) ``init`` decides from the
-    params: when no two leaves would share a buffer (every leaf big, sharded
-    across devices or asking for its own sharding), it keeps ``inner``'s own
+    params: when no two leaves would share a buffer (every leaf big, split
+    across devices by its type or asking for its own sharding), it keeps ``inner``'s own
     per-leaf state, with the per-leaf path's exact numbers; otherwise it packs.
 
     Example:

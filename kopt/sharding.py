@@ -31,6 +31,7 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding
 
 from kopt.base import GradientTransformation, OptState, Params
+from kopt.packing import PackedArrays, PackedState, is_packed
 
 MeshAxes = str | tuple[str, ...]
 
@@ -120,7 +121,9 @@ def init_shardings(
     A state leaf is a slot of a param when its path in the state ends with the
     param's path in ``params`` and it has the param's shape (this holds for
     kopt's and optax's states alike: ``state[0].m['w']`` is the slot of
-    ``params['w']``). It gets that param's ``NamedSharding``; every other leaf
+    ``params['w']``; in kopt's default packed layout, a leaf alone in its
+    buffer is its param's slot and a buffer of several leaves is no one's).
+    It gets that param's ``NamedSharding``; every other leaf
     (counts, hyperparameters), and the slot of a param without a
     ``NamedSharding``, is replicated on ``mesh`` (default: the mesh of the
     params' shardings). With ``axis``, the result is further split by
@@ -140,10 +143,13 @@ def init_shardings(
     """
     mesh = _find_mesh(params) if mesh is None else mesh
     replicated = NamedSharding(mesh, PartitionSpec())
-    by_path: dict[tuple, tuple[tuple[int, ...], Sharding]] = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+
+    def own(leaf: Any) -> Sharding:
         sharding = getattr(leaf, "sharding", None)
-        by_path[tuple(path)] = (tuple(leaf.shape), sharding if isinstance(sharding, NamedSharding) else replicated)
+        return sharding if isinstance(sharding, NamedSharding) else replicated
+
+    flat_params = jax.tree_util.tree_flatten_with_path(params)[0]
+    by_path = {tuple(path): (tuple(leaf.shape), own(leaf)) for path, leaf in flat_params}
 
     def slot_sharding(path: tuple, shape: tuple[int, ...]) -> Sharding:
         for start in range(len(path) + 1):  # the longest matching suffix wins
@@ -152,12 +158,25 @@ def init_shardings(
                 return found[1]
         return replicated
 
+    def packed_sharding(state: PackedState) -> PackedState:
+        # A leaf alone is its param's array: it goes where its param is. A buffer of several leaves has no
+        # one param's sharding to follow: replicated (split by ``axis`` below).
+        layout = state.layout
+        mine = layout.shapes == tuple(tuple(leaf.shape) for _, leaf in flat_params)
+        per_leaf = [own(leaf) for _, leaf in flat_params] if mine else [replicated] * len(layout.shapes)
+        buffers = {b: per_leaf[k[0]] if len(k) == 1 else replicated for b, k in layout.members.items()}
+        return jax.tree.map(
+            lambda x: PackedArrays(buffers, layout) if is_packed(x) else replicated, state, is_leaf=is_packed
+        )
+
+    def sharding_of(path: tuple, node: Any) -> Any:
+        return packed_sharding(node) if isinstance(node, PackedState) else slot_sharding(path, tuple(node.shape))
+
     shapes = jax.eval_shape(opt.init, params)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(shapes)
-    shardings = [slot_sharding(path, tuple(leaf.shape)) for path, leaf in flat]
+    shardings = jax.tree_util.tree_map_with_path(
+        sharding_of, shapes, is_leaf=lambda node: isinstance(node, PackedState)
+    )
     if axis is None:
-        return treedef.unflatten(shardings)
-    placed = [
-        jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s) for (_, leaf), s in zip(flat, shardings, strict=True)
-    ]
-    return state_shardings(treedef.unflatten(placed), mesh, axis)
+        return shardings
+    placed = jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s), shapes, shardings)
+    return state_shardings(placed, mesh, axis)

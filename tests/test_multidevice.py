@@ -133,6 +133,26 @@ def test_zero1_on_the_default_layout_splits_the_packed_buffers(single_host, refe
     assert_equals_reference(out / "default_zero1.npz", reference)
 
 
+def test_default_layout_under_auto_and_explicit_axes(single_host, reference):
+    """The default layout with tensor-parallel params: under auto axes the small split leaves share a buffer
+    (a traced init cannot see where they live) and eager init agrees; under explicit axes each keeps its
+    slots where its param is; an explicit-axes ZeRO-1 splits the shared buffer. All train to the reference."""
+    out, result = single_host
+    auto, explicit = result["default_layout"]["auto"], result["default_layout"]["explicit"]
+    assert auto == {"packed": True, "eager_structure_equal": True, "init_mismatches": []}
+    tensor_parallel = explicit["tensor_parallel"]
+    assert not tensor_parallel["packed"] and tensor_parallel["init_mismatches"] == []
+    split_as_params = {"b1": "P('model',)", "b2": "P()", "w1": "P(None, 'model')", "w2": "P('model', None)"}
+    assert tensor_parallel["specs"] == {  # every leaf alone, its slots split as its param
+        f"[1].{slot}['{name}']": spec for slot in ("m", "v", "vhat") for name, spec in split_as_params.items()
+    }
+    zero1 = explicit["zero1"]
+    assert zero1["packed"] and zero1["init_mismatches"] == []
+    assert sorted(zero1["specs"].values()) == ["P('data',)"] * 3  # m, v, vhat: one buffer each, split 8 ways
+    for name in ("default_auto", "default_explicit_tensor_parallel", "default_explicit_zero1"):
+        assert_equals_reference(out / f"{name}.npz", reference)
+
+
 def free_loopback_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -37,13 +37,15 @@ def place(tree, shardings):
 
 
 def train(step, params, state, mesh, expected):
-    """Runs the steps; returns the final (params, state) and every sharding mismatch seen after a step."""
+    """Runs the steps; returns the final (params, state) and every sharding mismatch seen after a step
+    (none looked for when ``expected`` is None)."""
     xs, ys = common.make_batches()
     batch = NamedSharding(mesh, BATCH_SPEC)
     mismatches = []
     for x, y in zip(xs, ys, strict=True):
         params, state, _ = step(params, state, jax.device_put(x, batch), jax.device_put(y, batch))
-        mismatches += common.sharding_mismatches((params, state), expected)
+        if expected is not None:
+            mismatches += common.sharding_mismatches((params, state), expected)
     return params, state, mismatches
 
 
@@ -190,6 +192,55 @@ def zero1(opt, out_dir, prefix=""):
     }
 
 
+def default_layout(out_dir):
+    """The default layout (``packed=None``) on the tensor-parallel params and on an explicit-axes ZeRO-1.
+
+    Auto axes: a jitted ``init`` sees tracers that carry no placement, so these small split leaves share one
+    buffer; the eager ``init`` must lay them out alike (one state structure, whichever ``init`` the user ran)
+    and ``init_shardings`` must fit it. Explicit axes: the types say which leaves are split, so each keeps
+    its slots where its param is; with replicated params and ``axis="data"`` the shared buffer is split
+    8 ways and the step gathers it to cut the leaves out.
+    """
+    opt = common.make_opt(packed=None)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
+    params = place(common.make_params(), {k: NamedSharding(mesh, s) for k, s in PARAM_SPECS.items()})
+    eager = opt.init(params)
+    shardings = init_shardings(opt, params)
+    state = jax.jit(opt.init, out_shardings=shardings)(params)
+    auto = {
+        "packed": kopt.packing.holds_packed(state),
+        "eager_structure_equal": jax.tree.structure(eager) == jax.tree.structure(state),
+        "init_mismatches": common.sharding_mismatches(state, shardings),
+    }
+    final_params, final_state, _ = train(jax.jit(common.make_step(opt)), params, state, mesh, None)
+    save(out_dir, "default_auto", final_params, kopt.packing.leaf_by_leaf(final_state))
+
+    explicit = {}
+    for name, (shape, specs, axis) in {
+        "tensor_parallel": ((2, 4), PARAM_SPECS, None),
+        "zero1": ((8,), dict.fromkeys(PARAM_SPECS, P()), "data"),
+    }.items():
+        axes = ("data", "model")[: len(shape)]
+        mesh = jax.make_mesh(shape, axes, axis_types=(AxisType.Explicit,) * len(shape))
+        with jax.set_mesh(mesh):
+            params = place(common.make_params(), {k: NamedSharding(mesh, s) for k, s in specs.items()})
+            shardings = init_shardings(opt, params, axis=axis)
+            state = jax.jit(opt.init, out_shardings=shardings)(params)
+            step = jax.jit(common.make_step(opt, out_sharding=P("data", None)))
+            final_params, final_state, _ = train(step, params, state, mesh, None)
+        save(out_dir, f"default_explicit_{name}", final_params, kopt.packing.leaf_by_leaf(final_state))
+        explicit[name] = {
+            "packed": kopt.packing.holds_packed(state),
+            "init_mismatches": common.sharding_mismatches(state, shardings),
+            "specs": {  # of the state's arrays: the leaves' own slots and the shared buffers
+                jax.tree_util.keystr(path): str(leaf.sharding.spec)
+                for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]
+                if leaf.ndim
+            },
+        }
+    return {"auto": auto, "explicit": explicit}
+
+
 def helper_rules():
     """``state_shardings`` on hand-made leaves of a 2 x 4 mesh: which dimension it splits, and what it keeps."""
     mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
@@ -217,6 +268,7 @@ def main(out_dir):
             "shard_map": shard_map_data_parallel(opt, out_dir),
             "zero1": zero1(opt, out_dir),
             "default_zero1": zero1(common.make_opt(packed=None), out_dir, prefix="default_"),
+            "default_layout": default_layout(out_dir),
             "helper_rules": helper_rules(),
         }
     )
