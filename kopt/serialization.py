@@ -164,11 +164,22 @@ def _allowed(constructor) -> list[str]:
 #: Keys only the configs of TF >= 2.11's optimizers hold.
 _CURRENT_KEYS = ("weight_decay", "use_ema", "jit_compile", "ema_momentum")
 
+#: The flavor of Keras 3's configs (``keras.optimizers.serialize``, keras >= 3.0, TensorFlow >= 2.16's ``keras``),
+#: told by the keys no TensorFlow config holds.
+KERAS3 = "keras3"
+_KERAS3_KEYS = ("loss_scale_factor", "gradient_accumulation_steps")
+_KERAS3_REFUSED = {
+    "loss_scale_factor": "Keras 3 multiplies the loss by it and divides the gradients by it",
+    "gradient_accumulation_steps": "Keras 3 averages the gradients of that many steps before each update",
+}
+
 
 def config_flavor(config: Mapping[str, Any]) -> str:
-    """Which Keras wrote an optimizer config: ``"keras"``, ``"tf_keras.legacy"`` or ``"tf_keras"``.
+    """Which Keras wrote an optimizer config: ``"keras"``, ``"tf_keras.legacy"``, ``"tf_keras"`` or ``"keras3"``.
 
-    ``is_legacy_optimizer`` decides when present; else TensorFlow's ``module``;
+    ``is_legacy_optimizer`` decides when present (only TensorFlow writes it);
+    else Keras 3's own keys (``loss_scale_factor``,
+    ``gradient_accumulation_steps``) mean Keras 3; else TensorFlow's ``module``;
     else a ``name`` (every TensorFlow config has one) means TensorFlow's, legacy
     unless keys of TF >= 2.11 (``weight_decay``, ``use_ema``, ...) are there.
     Anything else is Keras 2.2.4 (kopt's own configs).
@@ -177,6 +188,8 @@ def config_flavor(config: Mapping[str, Any]) -> str:
     arguments = arguments if isinstance(arguments, Mapping) else {}
     if "is_legacy_optimizer" in arguments:
         return tf_keras.LEGACY if arguments["is_legacy_optimizer"] else tf_keras.CURRENT
+    if any(key in arguments for key in _KERAS3_KEYS):
+        return KERAS3
     module = config.get("module")
     if module == tf_keras.MODULES[tf_keras.LEGACY]:
         return tf_keras.LEGACY
@@ -249,7 +262,11 @@ def deserialize(config: Mapping[str, Any], *, flavor: str | None = None) -> Opti
     itself, see :func:`config_flavor`) picks the meaning of its keys:
     ``"keras"`` builds ``kopt.Adam`` etc., ``"tf_keras.legacy"`` / ``"tf_keras"``
     build ``kopt.tf_keras.Adam(..., is_legacy_optimizer=...)`` with TensorFlow's
-    defaults. ``class_name`` is matched case-insensitively. An unknown class
+    defaults; ``"keras3"`` (Keras 3's ``keras.optimizers.serialize``) builds
+    the same ``kopt.tf_keras`` optimizer, whose numbers are Keras 3's for the
+    eight optimizers both have, and refuses, naming them, Keras 3's
+    ``loss_scale_factor`` / ``gradient_accumulation_steps`` when not ``None``
+    and Keras 3 optimizers kopt has no counterpart for (Lion, Ftrl, ...). ``class_name`` is matched case-insensitively. An unknown class
     name or config key is a ``ValueError`` listing what is allowed. The
     caller's dict is not modified. A kopt schedule's config (as the
     learning rate inside an optimizer config, or alone) gives the schedule
@@ -296,8 +313,10 @@ def deserialize(config: Mapping[str, Any], *, flavor: str | None = None) -> Opti
             f"got {shorten(arguments['is_legacy_optimizer'])}"
         )
     flavor = config_flavor(config) if flavor is None else flavor
-    if flavor not in tf_keras.FLAVORS:
-        raise ValueError(f"flavor must be one of {', '.join(map(repr, tf_keras.FLAVORS))}, got {shorten(flavor)}")
+    if flavor not in (*tf_keras.FLAVORS, KERAS3):
+        raise ValueError(
+            f"flavor must be one of {', '.join(map(repr, (*tf_keras.FLAVORS, KERAS3)))}, got {shorten(flavor)}"
+        )
     try:
         return _build(config, arguments, flavor)
     except ValueError as error:  # schedules' and TensorFlow's messages may quote the config: never at length
@@ -311,6 +330,8 @@ def _build(config: Mapping[str, Any], arguments: Any, flavor: str) -> Optimizer 
     class_name = config["class_name"]
     if not isinstance(arguments, Mapping):
         raise ValueError(f"the 'config' of {shorten(class_name)} must be a dict, got {type(arguments).__name__}")
+    if flavor == KERAS3:
+        return _keras3(class_name, arguments)
     if flavor != tf_keras.KERAS:
         known = {name.lower(): constructor for name, constructor in tf_keras.OPTIMIZERS.items()}
         class_name = class_name.removeprefix("Custom>")  # a saved model's training config names TF >= 2.11's so
@@ -336,6 +357,29 @@ def _build(config: Mapping[str, Any], arguments: Any, flavor: str) -> Optimizer 
         )
     rates = {key: schedules.from_config(value) for key, value in arguments.items() if isinstance(value, Mapping)}
     return constructor(**{**arguments, **rates})
+
+
+def _keras3(class_name: str, arguments: Mapping[str, Any]) -> Optimizer:
+    """A Keras 3 config of one of the optimizers TF >= 2.11 also has: the same update rules, options and
+    numbers as ``kopt.tf_keras``'s (checked against Keras 3 step by step in tests/test_keras3_configs.py),
+    built there once Keras 3's own keys are at their no-op ``None``."""
+    known = {name.lower(): constructor for name, constructor in tf_keras.OPTIMIZERS.items()}
+    if class_name.lower() not in known:
+        raise ValueError(
+            f"Keras 3 optimizer {shorten(class_name)} (a keras.optimizers config, keras >= 3) has no kopt "
+            f"counterpart yet; kopt builds Keras 3's {', '.join(tf_keras.OPTIMIZERS)}"
+        )
+    for key, reason in _KERAS3_REFUSED.items():
+        if arguments.get(key) is not None:
+            raise ValueError(
+                f"Keras 3's {shorten(class_name)} config (keras.optimizers, keras >= 3) sets {key}="
+                f"{shorten(arguments[key])}: kopt cannot honour {key} yet ({reason}); only {key}=None loads"
+            )
+    options = {key: value for key, value in arguments.items() if key not in _KERAS3_KEYS}
+    try:
+        return known[class_name.lower()](**options, is_legacy_optimizer=False)
+    except TypeError as error:  # an unknown key
+        raise ValueError(clip(f"Keras 3's {class_name} config: {error}", MESSAGE_LIMIT)) from None
 
 
 def get(identifier: str | Mapping[str, Any] | GradientTransformation) -> GradientTransformation:
