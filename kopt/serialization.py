@@ -266,7 +266,8 @@ def deserialize(config: Mapping[str, Any], *, flavor: str | None = None) -> Opti
     the same ``kopt.tf_keras`` optimizer, whose numbers are Keras 3's for the
     eight optimizers both have, and refuses, naming them, Keras 3's
     ``loss_scale_factor`` / ``gradient_accumulation_steps`` when not ``None``
-    and Keras 3 optimizers kopt has no counterpart for (Lion, Ftrl, ...). ``class_name`` is matched case-insensitively. An unknown class
+    and Keras 3 optimizers kopt has no counterpart for (Lion, Ftrl, ...).
+    ``class_name`` is matched case-insensitively. An unknown class
     name or config key is a ``ValueError`` listing what is allowed. The
     caller's dict is not modified. A kopt schedule's config (as the
     learning rate inside an optimizer config, or alone) gives the schedule

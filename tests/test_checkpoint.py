@@ -488,9 +488,11 @@ for name, _, _ in t.CASES:
 # Sharded load: the file holds unsharded arrays; `like` is sharded over 2 devices.
 report = {"devices": jax.device_count()}
 if jax.device_count() >= 2:
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
-    mesh = Mesh(np.array(jax.devices()[:2]), ("x",))
-    opt = kopt.Adam()  # the default layout: a leaf split over devices keeps its own slots
+    from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+    # Explicit axes: the arrays' types say which is split, so the default layout keeps w's slots its own.
+    mesh = Mesh(np.array(jax.devices()[:2]), ("x",), axis_types=(AxisType.Explicit,))
+    jax.set_mesh(mesh)
+    opt = kopt.Adam()
     def spec(leaf):
         split = jnp.ndim(leaf) == 2
         return NamedSharding(mesh, PartitionSpec("x") if split else PartitionSpec())
