@@ -23,6 +23,7 @@ them leaf by leaf (TF >= 2.11's ``optimizer.variables``, as in ``.keras`` files)
     Adamax    [iterations, m_1..n, u_1..n]                        (TF >= 2.11: interleaved)
     Nadam     [iterations, momentum_cache, m_1..n, v_1..n]       (momentum_cache is kopt's m_schedule;
                                                                   TF >= 2.11: interleaved, no momentum_cache)
+    Lion      [iterations, m_1..n]                               (TF >= 2.13 only)
 
 ``kopt.X`` reads Keras 2.2.4's layout and TensorFlow's legacy one (the counts
 tell them apart; where they are equal, so are the layouts), ``kopt.tf_keras.X``
@@ -132,6 +133,7 @@ def _current_layout(class_name: str, config: dict[str, Any]) -> Layout:
         "AdamW": adam,
         "Adamax": ["iterations", ("m", "u")],
         "Nadam": ["iterations", ("m", "v")],  # TensorFlow does not save its u_product
+        "Lion": ["iterations", "m"],
     }[class_name]
 
 

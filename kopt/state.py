@@ -173,7 +173,7 @@ def get_slot(state: OptState, name: str) -> Any:
     Slot names follow the specification: ``velocity`` (SGD), ``accumulator``
     (RMSprop, Adagrad, Adadelta), ``delta_accumulator`` (Adadelta), ``m``,
     ``v``, ``vhat`` (Adam; ``vhat`` is ``None`` without AMSGrad), ``u``
-    (Adamax), ``m_schedule`` (Nadam), ``count`` (step counters). Slots that
+    (Adamax), ``m_schedule`` (Nadam), ``m`` (Lion), ``count`` (step counters). Slots that
     :func:`kopt.packed` keeps in flat buffers come back leaf by leaf.
     """
     found = [(path, value) for path, field, value in _fields_of(state, "slot") if field == name]

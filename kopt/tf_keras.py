@@ -78,6 +78,7 @@ from kopt.transforms import (
     scale_by_adam,
     scale_by_adamax,
     scale_by_learning_rate,
+    scale_by_lion,
     scale_by_nadam,
     scale_by_rms,
     trace,
@@ -85,7 +86,7 @@ from kopt.transforms import (
 from kopt.tree import rounded_once
 from kopt.validation import as_real, check_bool, check_clip_option, check_hyperparam, is_concrete
 
-__all__ = ["SGD", "RMSprop", "Adagrad", "Adadelta", "Adam", "Adamax", "Nadam", "AdamW", "schedule_from_config"]
+__all__ = ["SGD", "RMSprop", "Adagrad", "Adadelta", "Adam", "Adamax", "Nadam", "AdamW", "Lion", "schedule_from_config"]
 
 #: The flavors of optimizer configs: ``kopt.serialize(opt, flavor=...)``.
 KERAS, LEGACY, CURRENT = "keras", "tf_keras.legacy", "tf_keras"
@@ -504,10 +505,7 @@ def AdamW(
         >>> import kopt
         >>> opt = kopt.tf_keras.AdamW(weight_decay=0.01)
     """
-    options = _unbound(options)
-    if options.get("is_legacy_optimizer", False):
-        raise ValueError("AdamW has no legacy TensorFlow optimizer: is_legacy_optimizer must be False")
-    options = {**options, "is_legacy_optimizer": False, "weight_decay": weight_decay}
+    options = {**_current_only("AdamW", options), "weight_decay": weight_decay}
     learning_rate, options = _options("AdamW", learning_rate, options)
     config = {"learning_rate": learning_rate, "beta_1": beta_1, "beta_2": beta_2, "epsilon": epsilon}
     config["amsgrad"] = amsgrad
@@ -566,7 +564,31 @@ def Nadam(
     return _optimizer("Nadam", config, options, [scaling])
 
 
+def _current_only(class_name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` of an optimizer TensorFlow has only since 2.11 (no legacy class)."""
+    options = _unbound(options)
+    if options.get("is_legacy_optimizer", False):
+        raise ValueError(f"{class_name} has no legacy TensorFlow optimizer: is_legacy_optimizer must be False")
+    return {**options, "is_legacy_optimizer": False}
+
+
+def Lion(learning_rate: Any = 0.0001, beta_1: float = 0.9, beta_2: float = 0.99, **options: Any) -> Optimizer:
+    """TensorFlow's Lion (tf_keras >= 2.13, no legacy class): ``p <- p - lr_i * sign(beta_1*m + (1-beta_1)*g)``,
+    then ``m <- beta_2*m + (1-beta_2)*g`` (:func:`kopt.scale_by_lion`).
+
+    Defaults ``learning_rate=0.0001, beta_1=0.9, beta_2=0.99`` (Keras 3's Lion: ``learning_rate=0.001``;
+    its configs carry the value). ``weight_decay`` decays the variable before the step, as TensorFlow does.
+
+    Example:
+        >>> import kopt
+        >>> opt = kopt.tf_keras.Lion(learning_rate=3e-4, weight_decay=0.1)
+    """
+    learning_rate, options = _options("Lion", learning_rate, _current_only("Lion", options))
+    config = {"learning_rate": learning_rate, "beta_1": beta_1, "beta_2": beta_2}
+    return _optimizer("Lion", config, options, [scale_by_lion(beta_1, beta_2)])
+
+
 #: TensorFlow's optimizers by class name.
 OPTIMIZERS: dict[str, Callable[..., Optimizer]] = {
-    f.__name__: f for f in (SGD, RMSprop, Adagrad, Adadelta, Adam, Adamax, Nadam, AdamW)
+    f.__name__: f for f in (SGD, RMSprop, Adagrad, Adadelta, Adam, Adamax, Nadam, AdamW, Lion)
 }
