@@ -7,7 +7,7 @@ and ``from kopt import *`` must not need it.
 """
 
 from kopt import tf_keras
-from kopt.averaging import EmaParamsState, LookaheadState, ema_params, lookahead
+from kopt.averaging import EmaOverwriteState, EmaParamsState, LookaheadState, ema_overwrite, ema_params, lookahead
 from kopt.base import EmptyState, GradientTransformation, apply_updates, chain, identity
 from kopt.checkpoint import CheckpointCorruptedError, load_state, read_checkpoint_header, save_state
 from kopt.clipping import ClipState, clip_by_global_norm, clip_by_norm, clip_by_value
@@ -90,6 +90,7 @@ __all__ = [
     "add_decayed_weights",
     "reduce_on_plateau",
     "ema_params",
+    "ema_overwrite",
     # wrappers
     "masked",
     "partition",
@@ -156,6 +157,7 @@ __all__ = [
     "AddDecayedWeightsState",
     "ReduceOnPlateauState",
     "EmaParamsState",
+    "EmaOverwriteState",
     "MaskedState",
     "PartitionState",
     "SkipNonfiniteState",

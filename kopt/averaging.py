@@ -1,4 +1,4 @@
-"""Averaging params over time: Lookahead and an exponential moving average of params."""
+"""Averaging params over time: Lookahead, an exponential moving average of params, and Keras' ``use_ema``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from kopt.base import GradientTransformation, OptState, Params, Updates, accepted_extra_args, expects
 from kopt.state import current_hyperparams, init_hyperparams
 from kopt.tree import map_arrays, slot_dtype
-from kopt.validation import check_count, check_hyperparam
+from kopt.validation import check_bool, check_count, check_hyperparam
 
 
 def _needs_params(params: Params | None, who: str) -> None:
@@ -21,6 +21,10 @@ def _needs_params(params: Params | None, who: str) -> None:
 def _copy_params(params: Params) -> Params:
     # A real copy: a state sharing the params' buffers could not be donated with them.
     return jax.tree.map(lambda p: jnp.array(p, slot_dtype(jnp.result_type(p)), copy=True), params)
+
+
+def _moving_average(momentum: jax.Array, average: jax.Array, new: jax.Array) -> jax.Array:
+    return momentum * average + (1 - momentum) * new
 
 
 class LookaheadState(NamedTuple):
@@ -103,8 +107,67 @@ def ema_params(decay: float = 0.999) -> GradientTransformation:
         hp = current_hyperparams(state.hyperparams, values)
         decay = hp["ema_decay"]
         updates, _, ema = map_arrays(
-            lambda u, p, ema: (u, p, decay * ema + (1 - decay) * (p + u)), updates, params, state.ema
+            lambda u, p, ema: (u, p, _moving_average(decay, ema, p + u)), updates, params, state.ema
         )
         return updates, EmaParamsState(ema, hp)
+
+    return GradientTransformation(init, update)
+
+
+class EmaOverwriteState(NamedTuple):
+    count: jax.Array  # steps taken
+    average: Params
+    hyperparams: dict[str, jax.Array]
+
+
+def ema_overwrite(
+    momentum: float = 0.99, overwrite_every: int | None = None, *, from_first_step: bool = False
+) -> GradientTransformation:
+    """Keras' ``use_ema``: the moving average of the new params, which every ``overwrite_every`` steps replaces them.
+
+    Each step ``average <- momentum * average + (1 - momentum) * (p + u)``;
+    on step ``t`` (counted from 1) with ``t % overwrite_every == 0`` the update
+    becomes ``average - p``, so the new params are the average (Keras assigns
+    it to the variables); other steps pass ``u`` through. Put it last in a chain.
+    ``average`` starts as a copy of the params (tf_keras' rule); with
+    ``from_first_step=True`` (Keras 3's) the first step ignores it and takes
+    the new params. ``overwrite_every=None`` never overwrites: the average is
+    only kept (``kopt.get_slot(state, "average")``). ``momentum`` is held in the
+    state as ``ema_momentum``. Defaults ``0.99, None, False``.
+
+    Example:
+        >>> import jax.numpy as jnp, kopt
+        >>> opt = kopt.chain(kopt.scale_by_learning_rate(1.0), kopt.ema_overwrite(0.5, overwrite_every=2))
+        >>> params, state = jnp.array([4.0]), opt.init(jnp.array([4.0]))
+        >>> for _ in range(2):
+        ...     updates, state = opt.update(jnp.array([1.0]), state, params)
+        ...     params = params + updates
+        >>> params.tolist()  # 4 -> 3 (average 3.5) -> 2, overwritten by the average 0.5 * 3.5 + 0.5 * 2
+        [2.75]
+    """
+    values = {"ema_momentum": check_hyperparam("ema_momentum", momentum)}
+    if overwrite_every is not None:
+        overwrite_every = check_count("overwrite_every", overwrite_every)
+    from_first_step = check_bool("from_first_step", from_first_step)
+
+    def init(params: Params) -> EmaOverwriteState:
+        return EmaOverwriteState(jnp.zeros((), jnp.int32), _copy_params(params), init_hyperparams(values, params))
+
+    @expects(EmaOverwriteState)
+    def update(updates: Updates, state: EmaOverwriteState, params: Params | None = None, **extra_args):
+        del extra_args
+        _needs_params(params, "ema_overwrite")
+        hp = current_hyperparams(state.hyperparams, values)
+        momentum = hp["ema_momentum"]
+        if from_first_step:
+            momentum = jnp.where(state.count == 0, jnp.zeros_like(momentum), momentum)
+        overwrite = False if overwrite_every is None else (state.count + 1) % overwrite_every == 0
+
+        def leaf(u, p, average):
+            average = _moving_average(momentum, average, p + u)
+            return jnp.where(overwrite, average - p, u), p, average
+
+        updates, _, average = map_arrays(leaf, updates, params, state.average)
+        return updates, EmaOverwriteState(state.count + 1, average, hp)
 
     return GradientTransformation(init, update)

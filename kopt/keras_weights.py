@@ -25,6 +25,8 @@ them leaf by leaf (TF >= 2.11's ``optimizer.variables``, as in ``.keras`` files)
                                                                   TF >= 2.11: interleaved, no momentum_cache)
     Lion      [iterations, m_1..n]                               (TF >= 2.13 only)
 
+With ``use_ema`` (TF >= 2.11), ``average_1..n`` follow ``iterations``.
+
 ``kopt.X`` reads Keras 2.2.4's layout and TensorFlow's legacy one (the counts
 tell them apart; where they are equal, so are the layouts), ``kopt.tf_keras.X``
 its own generation's.
@@ -122,9 +124,10 @@ def _legacy_layout(class_name: str, config: dict[str, Any]) -> Layout:
 
 
 def _current_layout(class_name: str, config: dict[str, Any]) -> Layout:
-    """TF >= 2.11's ``optimizer.variables``: Adam-like slots interleaved leaf by leaf."""
+    """TF >= 2.11's ``optimizer.variables``: Adam-like slots interleaved leaf by leaf; with ``use_ema``, the
+    moving averages of the variables come right after ``iterations`` (the base class makes them first)."""
     adam = ["iterations", ("m", "v")] + (["vhat"] if config.get("amsgrad") else [])
-    return {
+    layout = {
         "SGD": ["iterations", "velocity"],
         "RMSprop": ["iterations", "accumulator", *_rmsprop_parts(config)],
         "Adagrad": ["iterations", "accumulator"],
@@ -135,6 +138,7 @@ def _current_layout(class_name: str, config: dict[str, Any]) -> Layout:
         "Nadam": ["iterations", ("m", "v")],  # TensorFlow does not save its u_product
         "Lion": ["iterations", "m"],
     }[class_name]
+    return [layout[0], "average", *layout[1:]] if config.get("use_ema") else layout
 
 
 def _layouts(opt: Any) -> dict[str, Layout]:

@@ -171,6 +171,9 @@ _KERAS3_KEYS = ("loss_scale_factor", "gradient_accumulation_steps")
 _KERAS3_REFUSED = {
     "loss_scale_factor": "Keras 3 multiplies the loss by it and divides the gradients by it",
     "gradient_accumulation_steps": "Keras 3 averages the gradients of that many steps before each update",
+    "use_ema": "Keras 3 starts the average at the first step's weights, tf_keras at the initial ones, and a Keras 3 "
+    "config is built as the tf_keras optimizer; kopt.ema_overwrite(from_first_step=True) is Keras 3's rule for a "
+    "chain of your own",
 }
 
 
@@ -371,10 +374,12 @@ def _keras3(class_name: str, arguments: Mapping[str, Any]) -> Optimizer:
             f"counterpart yet; kopt builds Keras 3's {', '.join(tf_keras.OPTIMIZERS)}"
         )
     for key, reason in _KERAS3_REFUSED.items():
-        if arguments.get(key) is not None:
+        value = arguments.get(key)
+        if not (value is None or (key == "use_ema" and isinstance(value, (bool, np.bool_)) and not value)):
             raise ValueError(
                 f"Keras 3's {shorten(class_name)} config (keras.optimizers, keras >= 3) sets {key}="
-                f"{shorten(arguments[key])}: kopt cannot honour {key} yet ({reason}); only {key}=None loads"
+                f"{shorten(arguments[key])}: kopt cannot honour {key} yet ({reason}); only {key}="
+                f"{'False' if key == 'use_ema' else 'None'} loads"
             )
     options = {key: value for key, value in arguments.items() if key not in _KERAS3_KEYS}
     try:

@@ -37,11 +37,11 @@ RMSprop                    --                                     ``momentum``, 
 ``learning_rate`` is a number, a TensorFlow schedule config (``{"class_name":
 "ExponentialDecay", "config": {...}}``, as ``get_config`` writes it; see
 :func:`schedule_from_config`) or a kopt schedule. ``name`` is kept in the
-config and nothing else. ``jit_compile``, ``ema_momentum`` and
-``ema_overwrite_frequency`` (with ``use_ema=False``) change nothing and are
-kept; ``use_ema=True`` is refused (TensorFlow overwrites the model's weights
-with their moving average, which a gradient transformation cannot do: see
-``kopt.ema_params``).
+config and nothing else. ``jit_compile`` changes nothing and is kept.
+``use_ema=True`` (TF >= 2.11) ends the chain with :func:`kopt.ema_overwrite`:
+the moving average (``ema_momentum``) of the new variables, which every
+``ema_overwrite_frequency`` steps replaces them (TensorFlow assigns the
+average to the model's weights; kopt's update carries them there).
 
 Every constructor also takes kopt's ``packed`` (as ``kopt.Adam``): the default
 ``None`` packs the small leaves into flat buffers, ``False`` keeps every slot
@@ -67,6 +67,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from kopt import packing, schedules
+from kopt.averaging import ema_overwrite
 from kopt.base import GradientTransformation, chain
 from kopt.clipping import clip_by_global_norm, clip_by_norm, clip_by_value
 from kopt.file_safety import shorten
@@ -254,11 +255,12 @@ def _options(class_name: str, learning_rate: Any, options: dict[str, Any]) -> tu
     if legacy:
         return learning_rate, {"is_legacy_optimizer": True, "name": class_name, "decay": 0.0, **options}
     if check_bool("use_ema", options.get("use_ema", False)):
-        raise ValueError(
-            "use_ema=True cannot be honoured: TensorFlow overwrites the model's weights with their moving average "
-            "every ema_overwrite_frequency steps, which a gradient transformation cannot do "
-            "(kopt.ema_params keeps the average beside the weights instead)"
-        )
+        momentum = check_hyperparam("ema_momentum", options.get("ema_momentum", 0.99))
+        if is_concrete(momentum) and not 0 <= momentum <= 1:
+            raise ValueError(f"ema_momentum must be in [0, 1], got {momentum!r}")
+        every = options.get("ema_overwrite_frequency")
+        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 0):
+            raise ValueError(f"ema_overwrite_frequency must be None or a whole number of steps >= 0, got {every!r}")
     defaults = {
         "name": class_name,
         "weight_decay": None,
@@ -332,7 +334,11 @@ def _optimizer(
             )
         decay = [add_decayed_weights(weight_decay)]
     velocity = [momentum] if momentum else []
-    members = [*_clipping(class_name, options), *scaling, *decay, scale_by_learning_rate(rate), *velocity]
+    # use_ema: the moving average of the new variables, which every ema_overwrite_frequency steps (0: never)
+    # replaces them; last, so that it sees the whole step.
+    every = options.get("ema_overwrite_frequency") or None
+    ema = [ema_overwrite(options["ema_momentum"], every)] if options.get("use_ema") else []
+    members = [*_clipping(class_name, options), *scaling, *decay, scale_by_learning_rate(rate), *velocity, *ema]
     transform = chain(*members)
     if momentum and not is_concrete(config["momentum"]):
         transform = _refusing_states_without_velocity(transform, len(members))
@@ -351,7 +357,7 @@ def _optimizer(
 
 
 def _refusing_states_without_velocity(transform: GradientTransformation, members: int) -> GradientTransformation:
-    """``transform`` (a chain of ``members`` ending in the velocity) whose update refuses a state made without it.
+    """``transform`` (a chain of ``members``, the velocity one of them) whose update refuses a state made without it.
 
     With ``optax.inject_hyperparams`` the state may come from an eager ``init``
     that saw ``momentum=0`` (no velocity) while the jitted update sees a traced

@@ -56,7 +56,7 @@ OPTIONS = {
 REFUSED = {
     ("SGD", "weight_decay"): r"weight_decay=\.\.\., momentum > 0",
     ("RMSprop", "weight_decay"): r"weight_decay=\.\.\., momentum > 0",
-    "ema": "use_ema=True cannot be honoured",
+    "ema": "config .*keras >= 3.* sets use_ema=True: kopt cannot honour use_ema yet",
 }
 
 

@@ -119,6 +119,12 @@ LIVE = [
     (kopt.tf_keras.Lion(0.01, weight_decay=0.05, global_clipnorm=1.0), None),
     (
         kopt.tf_keras.SGD(
+            0.05, momentum=0.5, use_ema=True, ema_momentum=0.8, ema_overwrite_frequency=2, is_legacy_optimizer=False
+        ),
+        None,
+    ),
+    (
+        kopt.tf_keras.SGD(
             {
                 "class_name": "ExponentialDecay",
                 "config": {"initial_learning_rate": 0.1, "decay_steps": 3, "decay_rate": 0.5, "staircase": True},
@@ -212,8 +218,9 @@ def test_tf_defaults_are_tensorflows():
 
 
 def test_config_keys_kopt_cannot_honour_are_named():
-    with pytest.raises(ValueError, match="use_ema=True cannot be honoured"):
-        kopt.deserialize(CASES["current_Adam_use_ema"]["serialized"])
+    assert kopt.deserialize(CASES["current_Adam_use_ema"]["serialized"]).config["use_ema"]  # honoured: test_ema.py
+    with pytest.raises(ValueError, match=r"ema_momentum must be in \[0, 1\]"):
+        kopt.tf_keras.Adam(use_ema=True, ema_momentum=1.5, is_legacy_optimizer=False)
     config = {"name": "Adam", "is_legacy_optimizer": True, "foo": 1, "weight_decay": 0.1}
     with pytest.raises(ValueError, match=r"cannot honour 'foo', 'weight_decay' \(of TF >= 2.11 optimizers\)"):
         kopt.deserialize({"class_name": "Adam", "config": config})

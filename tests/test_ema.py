@@ -1,0 +1,136 @@
+"""Keras' ``use_ema``: ``kopt.ema_overwrite`` against a NumPy transcription of both Kerases' rules, and
+``kopt.tf_keras.X(use_ema=True)`` against real TensorFlow (live when tf_keras is installed): built from its
+``serialize()`` dict, stepped with the same gradients, resumed from its variables (the averages included);
+Keras 3's rule (the average starts at the first step) against Keras 3 itself."""
+
+import json
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kopt
+
+SHAPES = [(3, 2), (2,)]
+STEPS, HANDOVER = 7, 4
+TOLERANCE = {"rtol": 2e-5, "atol": 2e-6}
+
+
+def gradients(seed: int, dtype=np.float32) -> list[list[np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [[rng.normal(size=s).astype(dtype) for s in SHAPES] for _ in range(STEPS)]
+
+
+def initial(seed: int, dtype=np.float32) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.normal(size=s).astype(dtype) for s in SHAPES]
+
+
+def numpy_sgd_with_ema(params, grads, lr, momentum, every, from_first_step):
+    """SGD, then Keras' moving average of the new variables and its overwrite, in NumPy."""
+    average = [p.copy() for p in params]
+    trajectory = []
+    for t, step in enumerate(grads, start=1):
+        params = [p - lr * g for p, g in zip(params, step, strict=True)]
+        mu = 0.0 if from_first_step and t == 1 else momentum
+        average = [mu * a + (1 - mu) * p for a, p in zip(average, params, strict=True)]
+        if every and t % every == 0:
+            params = [a.copy() for a in average]
+        trajectory.append(params)
+    return trajectory
+
+
+@pytest.mark.parametrize("from_first_step", [False, True], ids=["tf_keras", "keras3"])
+@pytest.mark.parametrize("every", [None, 3])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_ema_overwrite_is_the_rule(dtype, every, from_first_step):
+    with jax.enable_x64(dtype == np.float64):
+        params, grads = initial(0, dtype), gradients(1, dtype)
+        expected = numpy_sgd_with_ema(params, grads, 0.1, 0.7, every, from_first_step)
+        opt = kopt.chain(
+            kopt.scale_by_learning_rate(0.1), kopt.ema_overwrite(0.7, every, from_first_step=from_first_step)
+        )
+        current = [jnp.asarray(p) for p in params]
+        state = opt.init(current)
+        tolerance = {"rtol": 1e-6, "atol": 1e-7} if dtype == np.float32 else {"rtol": 1e-13, "atol": 1e-14}
+        for t, g in enumerate(grads, start=1):
+            updates, state = opt.update([jnp.asarray(x) for x in g], state, current)
+            current = kopt.apply_updates(current, updates)
+            assert all(leaf.dtype == dtype for leaf in current)
+            chex.assert_trees_all_close(current, expected[t - 1], **tolerance)
+        assert int(kopt.iterations(state)) == STEPS
+
+
+def test_ema_overwrite_bad_input_is_named():
+    with pytest.raises(ValueError, match="overwrite_every"):
+        kopt.ema_overwrite(0.9, overwrite_every=0)
+    with pytest.raises(ValueError, match="needs the params"):
+        opt = kopt.ema_overwrite()
+        opt.update(jnp.zeros(2), opt.init(jnp.zeros(2)))
+
+
+TF_CASES = {
+    "Adam amsgrad, every 3": ("Adam", {"learning_rate": 0.05, "amsgrad": True}, 3),
+    "SGD nesterov, every 2": ("SGD", {"learning_rate": 0.05, "momentum": 0.9, "nesterov": True}, 2),
+    "RMSprop momentum, kept only": ("RMSprop", {"learning_rate": 0.01, "momentum": 0.5}, None),
+    "Adagrad clipnorm, every 3": ("Adagrad", {"learning_rate": 0.1, "clipnorm": 0.5}, 3),
+    "Lion weight decay, every 3": ("Lion", {"learning_rate": 0.01, "weight_decay": 0.1}, 3),
+}
+
+
+@pytest.mark.parametrize("case", TF_CASES)
+def test_tf_keras_use_ema_follows_tensorflow_and_resumes_from_its_variables(case):
+    tf_keras = pytest.importorskip("tf_keras")
+    import tensorflow as tf
+
+    class_name, kwargs, every = TF_CASES[case]
+    tf_class = getattr(tf_keras.optimizers, class_name)
+    tf_opt = tf_class(**kwargs, use_ema=True, ema_momentum=0.8, ema_overwrite_frequency=every)
+    opt = kopt.deserialize(json.loads(json.dumps(tf_keras.optimizers.serialize(tf_opt))))
+    assert opt.config["use_ema"] and opt.config["ema_overwrite_frequency"] == every
+
+    start, grads = initial(2), gradients(3)
+    variables = [tf.Variable(p) for p in start]
+    params = [jnp.asarray(p) for p in start]
+    state, update = opt.init(params), jax.jit(opt.update)
+    resumed = None
+    for t, g in enumerate(grads, start=1):
+        tf_opt.apply_gradients(zip([tf.constant(x) for x in g], variables, strict=True))
+        updates, state = update([jnp.asarray(x) for x in g], state, params)
+        params = kopt.apply_updates(params, updates)
+        expected = [v.numpy() for v in variables]
+        chex.assert_trees_all_close(params, expected, **TOLERANCE)
+        if resumed is not None:
+            r_updates, r_state = update([jnp.asarray(x) for x in g], resumed[1], resumed[0])
+            resumed = (kopt.apply_updates(resumed[0], r_updates), r_state)
+            chex.assert_trees_all_close(resumed[0], expected, **TOLERANCE)
+        if t == HANDOVER:  # TensorFlow's variables: iterations, the averages, then the slots
+            weights = [v.numpy() for v in tf_opt.variables]
+            tf_params = [jnp.asarray(v.numpy()) for v in variables]
+            resumed = (tf_params, kopt.from_keras_weights(opt, tf_params, weights))
+            chex.assert_trees_all_close(kopt.get_slot(resumed[1], "average"), weights[1:3], **TOLERANCE)
+
+
+@pytest.mark.parametrize("every", [None, 3])
+def test_keras3_use_ema_rule_follows_keras3(every):
+    keras = pytest.importorskip("keras", reason="the keras3 extra is not installed")
+    if not keras.__version__.startswith("3."):
+        pytest.skip("Keras 3 is needed")
+    start, grads = initial(4), gradients(5)
+    k_opt = keras.optimizers.Adam(0.05, use_ema=True, ema_momentum=0.8, ema_overwrite_frequency=every)
+    variables = [keras.Variable(p) for p in start]
+    k_opt.build(variables)
+    opt = kopt.chain(
+        kopt.tf_keras.Adam(0.05, is_legacy_optimizer=False), kopt.ema_overwrite(0.8, every, from_first_step=True)
+    )
+    params = [jnp.asarray(p) for p in start]
+    state = opt.init(params)
+    for g in grads:
+        k_opt.apply([keras.ops.convert_to_tensor(x) for x in g], variables)
+        updates, state = opt.update([jnp.asarray(x) for x in g], state, params)
+        params = kopt.apply_updates(params, updates)
+        chex.assert_trees_all_close(params, [np.asarray(v.value) for v in variables], **TOLERANCE)
+    with pytest.raises(ValueError, match="sets use_ema=True: kopt cannot honour use_ema yet"):
+        kopt.deserialize(keras.optimizers.serialize(k_opt))
