@@ -34,6 +34,7 @@ from kopt.state import get_hyperparams, get_slot, iterations, set_hyperparams, s
 from kopt.training import train_step
 from kopt.transforms import (
     AddDecayedWeightsState,
+    FtrlState,
     ScaleByAdadeltaState,
     ScaleByAdagradState,
     ScaleByAdamaxState,
@@ -43,6 +44,7 @@ from kopt.transforms import (
     ScaleByRmsState,
     TraceState,
     add_decayed_weights,
+    ftrl,
     scale_by_adadelta,
     scale_by_adagrad,
     scale_by_adam,
@@ -85,6 +87,7 @@ __all__ = [
     "scale_by_adam",
     "scale_by_adamax",
     "scale_by_lion",
+    "ftrl",
     "scale_by_nadam",
     "scale_by_learning_rate",
     "add_decayed_weights",
@@ -158,6 +161,7 @@ __all__ = [
     "ReduceOnPlateauState",
     "EmaParamsState",
     "EmaOverwriteState",
+    "FtrlState",
     "MaskedState",
     "PartitionState",
     "SkipNonfiniteState",

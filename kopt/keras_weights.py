@@ -24,6 +24,7 @@ them leaf by leaf (TF >= 2.11's ``optimizer.variables``, as in ``.keras`` files)
     Nadam     [iterations, momentum_cache, m_1..n, v_1..n]       (momentum_cache is kopt's m_schedule;
                                                                   TF >= 2.11: interleaved, no momentum_cache)
     Lion      [iterations, m_1..n]                               (TF >= 2.13 only)
+    Ftrl      [iterations, accumulator_1, linear_1, accumulator_2, ...]   (both generations)
 
 With ``use_ema`` (TF >= 2.11), ``average_1..n`` follow ``iterations``.
 
@@ -120,6 +121,7 @@ def _legacy_layout(class_name: str, config: dict[str, Any]) -> Layout:
         "Adam": ["iterations", "m", "v"] + (["vhat"] if config.get("amsgrad") else []),
         "Adamax": ["iterations", "m", "u"],
         "Nadam": ["iterations", "m_schedule", "m", "v"],  # m_schedule: TensorFlow's momentum_cache
+        "Ftrl": ["iterations", ("accumulator", "linear")],  # its slots are made leaf by leaf
     }[class_name]
 
 
@@ -137,6 +139,7 @@ def _current_layout(class_name: str, config: dict[str, Any]) -> Layout:
         "Adamax": ["iterations", ("m", "u")],
         "Nadam": ["iterations", ("m", "v")],  # TensorFlow does not save its u_product
         "Lion": ["iterations", "m"],
+        "Ftrl": ["iterations", ("accumulator", "linear")],
     }[class_name]
     return [layout[0], "average", *layout[1:]] if config.get("use_ema") else layout
 

@@ -74,6 +74,7 @@ from kopt.file_safety import shorten
 from kopt.optimizers import LearningRate, Optimizer, switched_on
 from kopt.transforms import (
     add_decayed_weights,
+    ftrl,
     scale_by_adadelta,
     scale_by_adagrad,
     scale_by_adam,
@@ -87,7 +88,19 @@ from kopt.transforms import (
 from kopt.tree import rounded_once
 from kopt.validation import as_real, check_bool, check_clip_option, check_hyperparam, is_concrete
 
-__all__ = ["SGD", "RMSprop", "Adagrad", "Adadelta", "Adam", "Adamax", "Nadam", "AdamW", "Lion", "schedule_from_config"]
+__all__ = [
+    "SGD",
+    "RMSprop",
+    "Adagrad",
+    "Adadelta",
+    "Adam",
+    "Adamax",
+    "Nadam",
+    "AdamW",
+    "Lion",
+    "Ftrl",
+    "schedule_from_config",
+]
 
 #: The flavors of optimizer configs: ``kopt.serialize(opt, flavor=...)``.
 KERAS, LEGACY, CURRENT = "keras", "tf_keras.legacy", "tf_keras"
@@ -315,11 +328,13 @@ def _optimizer(
     scaling: list[GradientTransformation],
     *,
     momentum: GradientTransformation | None = None,
+    step: Callable[[LearningRate], GradientTransformation] = scale_by_learning_rate,
 ) -> Optimizer:
     """``[clipping], scaling, [weight decay], learning rate, [momentum]`` labelled with its TensorFlow config.
 
     ``momentum`` (SGD, RMSprop) comes after the learning rate so that its
-    velocity holds lr-scaled steps, as TensorFlow's does.
+    velocity holds lr-scaled steps, as TensorFlow's does. ``step`` makes the
+    learning rate's transform from the rate (FTRL takes the rate inside its rule).
     """
     legacy = options["is_legacy_optimizer"]
     packed = options.pop("packed", None)
@@ -332,13 +347,18 @@ def _optimizer(
                 f"{class_name}(weight_decay=..., momentum > 0) cannot be honoured: TensorFlow decays the variable "
                 "outside the momentum, which this chain cannot express; use momentum=0 or kopt.add_decayed_weights"
             )
+        if step is not scale_by_learning_rate:
+            raise ValueError(
+                f"{class_name}(weight_decay=...) cannot be honoured: TensorFlow decays the variable before its rule "
+                "reads it, which this chain cannot express"
+            )
         decay = [add_decayed_weights(weight_decay)]
     velocity = [momentum] if momentum else []
     # use_ema: the moving average of the new variables, which every ema_overwrite_frequency steps (0: never)
     # replaces them; last, so that it sees the whole step.
     every = options.get("ema_overwrite_frequency") or None
     ema = [ema_overwrite(options["ema_momentum"], every)] if options.get("use_ema") else []
-    members = [*_clipping(class_name, options), *scaling, *decay, scale_by_learning_rate(rate), *velocity, *ema]
+    members = [*_clipping(class_name, options), *scaling, *decay, step(rate), *velocity, *ema]
     transform = chain(*members)
     if momentum and not is_concrete(config["momentum"]):
         transform = _refusing_states_without_velocity(transform, len(members))
@@ -594,7 +614,53 @@ def Lion(learning_rate: Any = 0.0001, beta_1: float = 0.9, beta_2: float = 0.99,
     return _optimizer("Lion", config, options, [scale_by_lion(beta_1, beta_2)])
 
 
+def Ftrl(
+    learning_rate: Any = 0.001,
+    learning_rate_power: float = -0.5,
+    initial_accumulator_value: float = 0.1,
+    l1_regularization_strength: float = 0.0,
+    l2_regularization_strength: float = 0.0,
+    l2_shrinkage_regularization_strength: float = 0.0,
+    beta: float = 0.0,
+    **options: Any,
+) -> Optimizer:
+    """TensorFlow's FTRL-Proximal (both generations; :func:`kopt.ftrl`): the rule sets each variable from its
+    accumulated squared gradients ``n`` and linear term ``z``, with L1 (sparsity), L2, L2 shrinkage and ``beta``.
+
+    Defaults ``learning_rate=0.001, learning_rate_power=-0.5, initial_accumulator_value=0.1``, the
+    regularization strengths and ``beta`` 0. ``weight_decay`` is refused (TensorFlow decays the variable before
+    the rule reads it).
+
+    Example:
+        >>> import kopt
+        >>> opt = kopt.tf_keras.Ftrl(0.05, l1_regularization_strength=0.001, is_legacy_optimizer=False)
+    """
+    learning_rate, options = _options("Ftrl", learning_rate, options)
+    config = {
+        "learning_rate": learning_rate,
+        "learning_rate_power": learning_rate_power,
+        "initial_accumulator_value": initial_accumulator_value,
+        "l1_regularization_strength": l1_regularization_strength,
+        "l2_regularization_strength": l2_regularization_strength,
+        "l2_shrinkage_regularization_strength": l2_shrinkage_regularization_strength,
+        "beta": beta,
+    }
+
+    def step(rate: LearningRate) -> GradientTransformation:
+        return ftrl(
+            rate,
+            learning_rate_power,
+            initial_accumulator_value,
+            l1_regularization_strength,
+            l2_regularization_strength,
+            l2_shrinkage_regularization_strength,
+            beta,
+        )
+
+    return _optimizer("Ftrl", config, options, [], step=step)
+
+
 #: TensorFlow's optimizers by class name.
 OPTIMIZERS: dict[str, Callable[..., Optimizer]] = {
-    f.__name__: f for f in (SGD, RMSprop, Adagrad, Adadelta, Adam, Adamax, Nadam, AdamW, Lion)
+    f.__name__: f for f in (SGD, RMSprop, Adagrad, Adadelta, Adam, Adamax, Nadam, AdamW, Lion, Ftrl)
 }

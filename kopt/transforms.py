@@ -504,6 +504,94 @@ def scale_by_lion(beta_1: float = 0.9, beta_2: float = 0.99, state_dtype: Any = 
     return GradientTransformation(init, update)
 
 
+# --------------------------------------------------------------------------- FTRL
+
+
+class FtrlState(NamedTuple):
+    inner_state: ScaleByLearningRateState  # the learning rate's: step count, lr, current_lr
+    accumulator: Updates
+    linear: Updates
+    hyperparams: HyperParams
+
+
+def _ftrl_array(g, p, accumulator, linear, lr, power, l1, l2, shrinkage, beta):
+    new_accumulator = accumulator + abs_sq(g)
+    # `linear` is FTRL's z: the gradients with the params' proximal correction, as Keras keeps it.
+    linear = linear + (g + 2 * shrinkage * p) - (new_accumulator**-power - accumulator**-power) / lr * p
+    quadratic = new_accumulator**-power / lr + 2 * l2 + beta / lr
+    new_p = (jnp.clip(linear, -l1, l1) - linear) / quadratic
+    return new_p - p, p, new_accumulator, linear
+
+
+def ftrl(
+    learning_rate: float | Schedule = 0.001,
+    learning_rate_power: float = -0.5,
+    initial_accumulator_value: float = 0.1,
+    l1: float = 0.0,
+    l2: float = 0.0,
+    l2_shrinkage: float = 0.0,
+    beta: float = 0.0,
+    state_dtype: Any = None,
+) -> GradientTransformation:
+    """FTRL-Proximal (McMahan et al. 2013) as Keras has it (tf_keras' ``Ftrl``, both generations, and Keras 3's).
+
+    With ``n`` the accumulator (from ``initial_accumulator_value``), ``z`` the
+    linear term (from 0), ``lr = lr_i`` and ``c = -learning_rate_power``::
+
+        n' = n + g**2
+        z <- z + g + 2*l2_shrinkage*p - (n'**c - n**c) / lr * p
+        p <- (clip(z, -l1, l1) - z) / (n'**c / lr + 2*l2 + beta / lr)
+
+    The update is that new ``p`` minus the old one, so the learning rate is
+    inside (a number or a :class:`~kopt.Schedule`, held in the state as
+    :func:`scale_by_learning_rate` holds it): chain clipping before it, and
+    nothing that rescales its output after it. Needs the params. Defaults
+    ``0.001, -0.5, 0.1, 0, 0, 0, 0``.
+
+    Example:
+        >>> import jax.numpy as jnp, kopt
+        >>> opt = kopt.ftrl(0.1, l1=0.01)
+        >>> params = jnp.array([0.5, -0.5])
+        >>> updates, state = opt.update(jnp.array([1.0, 0.001]), opt.init(params), params)
+        >>> [round(float(x), 4) for x in params + updates]  # the small gradient's coordinate: cut to 0 by l1
+        [0.2529, 0.0]
+    """
+    values = _checked(
+        learning_rate_power=learning_rate_power,
+        l1=l1,
+        l2=l2,
+        l2_shrinkage=l2_shrinkage,
+        beta=beta,
+    )
+    initial = check_hyperparam("initial_accumulator_value", initial_accumulator_value)
+    state_dtype = check_state_dtype(state_dtype)
+    rate = scale_by_learning_rate(learning_rate)
+
+    def init(params):
+        accumulator = jax.tree.map(lambda z: z + initial, zeros_slots(params, state_dtype, real=True))
+        return FtrlState(
+            rate.init(params), accumulator, zeros_slots(params, state_dtype), init_hyperparams(values, params)
+        )
+
+    @expects(FtrlState)
+    def update(updates, state, params=None, **extra_args):
+        del extra_args
+        if params is None:
+            raise ValueError("ftrl needs the params: call update(updates, state, params)")
+        hp = current_hyperparams(state.hyperparams, values)
+        # The learning rate's own transform, applied to a 1, gives -lr_i and its next state.
+        minus_lr, rate_state = rate.update(
+            jnp.ones((), state.inner_state.hyperparams["current_lr"].dtype), state.inner_state
+        )
+        coefficients = (-minus_lr, hp["learning_rate_power"], hp["l1"], hp["l2"], hp["l2_shrinkage"], hp["beta"])
+        updates, _, accumulator, linear = map_arrays(
+            lambda g, p, n, z: _ftrl_array(g, p, n, z, *coefficients), updates, params, state.accumulator, state.linear
+        )
+        return updates, FtrlState(rate_state, accumulator, linear, hp)
+
+    return GradientTransformation(init, update)
+
+
 # --------------------------------------------------------------------------- Nadam
 
 

@@ -117,6 +117,8 @@ LIVE = [
     (kopt.tf_keras.Adagrad(0.1, decay=0.1, clipvalue=0.5), None),
     (kopt.tf_keras.AdamW(0.01, weight_decay=0.05, amsgrad=True), None),  # TF >= 2.11 (its Nadam cannot resume)
     (kopt.tf_keras.Lion(0.01, weight_decay=0.05, global_clipnorm=1.0), None),
+    (kopt.tf_keras.Ftrl(0.1, l1_regularization_strength=0.01, clipvalue=0.5), None),  # legacy
+    (kopt.tf_keras.Ftrl(0.1, l2_shrinkage_regularization_strength=0.02, is_legacy_optimizer=False), None),
     (
         kopt.tf_keras.SGD(
             0.05, momentum=0.5, use_ema=True, ema_momentum=0.8, ema_overwrite_frequency=2, is_legacy_optimizer=False
