@@ -43,6 +43,7 @@ from kopt.transforms import (
     ScaleByNadamState,
     ScaleByRmsState,
     TraceState,
+    UnscaleLossState,
     add_decayed_weights,
     ftrl,
     scale_by_adadelta,
@@ -54,6 +55,7 @@ from kopt.transforms import (
     scale_by_nadam,
     scale_by_rms,
     trace,
+    unscale_loss,
 )
 from kopt.wrappers import AccumulateState, SkipNonfiniteState, accumulate, skip_nonfinite
 
@@ -88,6 +90,7 @@ __all__ = [
     "scale_by_adamax",
     "scale_by_lion",
     "ftrl",
+    "unscale_loss",
     "scale_by_nadam",
     "scale_by_learning_rate",
     "add_decayed_weights",
@@ -162,6 +165,7 @@ __all__ = [
     "EmaParamsState",
     "EmaOverwriteState",
     "FtrlState",
+    "UnscaleLossState",
     "MaskedState",
     "PartitionState",
     "SkipNonfiniteState",

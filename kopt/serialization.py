@@ -22,10 +22,13 @@ from typing import Any
 import numpy as np
 
 from kopt import schedules, tf_keras
-from kopt.base import GradientTransformation, OptState
+from kopt.averaging import ema_overwrite
+from kopt.base import GradientTransformation, OptState, chain
 from kopt.file_safety import MAX_DEPTH, MESSAGE_LIMIT, clip, shorten
 from kopt.optimizers import SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, Nadam, Optimizer, RMSprop
 from kopt.state import get_hyperparams
+from kopt.transforms import unscale_loss
+from kopt.validation import check_bool, check_count, check_hyperparam
 
 #: The optimizers ``get``/``deserialize`` know, by lower-case name.
 OPTIMIZERS = {c.__name__.lower(): c for c in (SGD, RMSprop, Adagrad, Adadelta, Adam, Adamax, Nadam, AdamW)}
@@ -39,7 +42,8 @@ def serialize(
     ``flavor`` (default: the optimizer's own, ``opt.flavor``) is ``"keras"``
     (Keras 2.2.4: ``{"class_name": ..., "config": {...}}``), ``"tf_keras.legacy"``
     or ``"tf_keras"`` (TensorFlow's ``serialize()`` dict, with ``module`` and
-    ``registered_name``, which ``tf_keras.optimizers.deserialize`` reads back).
+    ``registered_name``, which ``tf_keras.optimizers.deserialize`` reads back),
+    or ``"keras3"`` (an optimizer built from a Keras 3 config: Keras 3's dict).
     A Keras 2.2.4 optimizer is written as a ``"tf_keras.legacy"`` config with
     the same meaning (``lr`` -> ``learning_rate``, ``clipnorm`` -> ``global_clipnorm``,
     Nadam's ``schedule_decay`` -> ``decay``); what TensorFlow cannot express
@@ -71,8 +75,8 @@ def serialize(
             f"or kopt.get), got {type(opt).__name__}"
         )
     flavor = opt.flavor if flavor is None else flavor
-    if flavor not in tf_keras.FLAVORS:
-        raise ValueError(f"flavor must be one of {', '.join(map(repr, tf_keras.FLAVORS))}, got {flavor!r}")
+    if flavor not in (*tf_keras.FLAVORS, KERAS3):
+        raise ValueError(f"flavor must be one of {', '.join(map(repr, (*tf_keras.FLAVORS, KERAS3)))}, got {flavor!r}")
     config = dict(opt.config)
     held = None if state is None else get_hyperparams(state)
     # A schedule's own hyperparameters (its lr, decay, ...) are written inside its config, not as the optimizer's.
@@ -99,6 +103,13 @@ def serialize(
     if flavor == opt.flavor:
         if flavor == tf_keras.KERAS:
             return {"class_name": opt.class_name, "config": config}
+        if flavor == KERAS3:  # Keras 3's serialize() dict, which keras.optimizers.deserialize reads back
+            return {
+                "module": "keras.optimizers",
+                "class_name": opt.class_name,
+                "config": config,
+                "registered_name": None,
+            }
         if (opt.class_name, flavor) == ("Nadam", tf_keras.LEGACY) and config["decay"] != 0.004:
             # TensorFlow's legacy Nadam writes its schedule decay as `decay` but reads it back only as
             # `schedule_decay` (a `decay` argument is replaced by the default 0.004).
@@ -167,13 +178,11 @@ _CURRENT_KEYS = ("weight_decay", "use_ema", "jit_compile", "ema_momentum")
 #: The flavor of Keras 3's configs (``keras.optimizers.serialize``, keras >= 3.0, TensorFlow >= 2.16's ``keras``),
 #: told by the keys no TensorFlow config holds.
 KERAS3 = "keras3"
+MODULE_KERAS3 = "keras.optimizers"
 _KERAS3_KEYS = ("loss_scale_factor", "gradient_accumulation_steps")
 _KERAS3_REFUSED = {
-    "loss_scale_factor": "Keras 3 multiplies the loss by it and divides the gradients by it",
-    "gradient_accumulation_steps": "Keras 3 averages the gradients of that many steps before each update",
-    "use_ema": "Keras 3 starts the average at the first step's weights, tf_keras at the initial ones, and a Keras 3 "
-    "config is built as the tf_keras optimizer; kopt.ema_overwrite(from_first_step=True) is Keras 3's rule for a "
-    "chain of your own",
+    "gradient_accumulation_steps": "Keras 3 averages the gradients of that many steps before each update and "
+    "counts every call as a step of the learning rate and of the bias corrections",
 }
 
 
@@ -364,9 +373,11 @@ def _build(config: Mapping[str, Any], arguments: Any, flavor: str) -> Optimizer 
 
 
 def _keras3(class_name: str, arguments: Mapping[str, Any]) -> Optimizer:
-    """A Keras 3 config of one of the optimizers TF >= 2.11 also has: the same update rules, options and
-    numbers as ``kopt.tf_keras``'s (checked against Keras 3 step by step in tests/test_keras3_configs.py),
-    built there once Keras 3's own keys are at their no-op ``None``."""
+    """A Keras 3 config of an optimizer tf_keras also has: the same update rules, options and numbers as
+    ``kopt.tf_keras``'s (checked against Keras 3 step by step in tests/test_keras3_configs.py), with Keras 3's
+    own options around it: ``loss_scale_factor`` unscales the gradients first, ``use_ema`` keeps Keras 3's
+    moving average (from the first step's weights) last. Labelled ``"keras3"``: it serializes back to the
+    Keras 3 config it came from."""
     known = {name.lower(): constructor for name, constructor in tf_keras.OPTIMIZERS.items()}
     if class_name.lower() not in known:
         raise ValueError(
@@ -374,18 +385,28 @@ def _keras3(class_name: str, arguments: Mapping[str, Any]) -> Optimizer:
             f"counterpart yet; kopt builds Keras 3's {', '.join(tf_keras.OPTIMIZERS)}"
         )
     for key, reason in _KERAS3_REFUSED.items():
-        value = arguments.get(key)
-        if not (value is None or (key == "use_ema" and isinstance(value, (bool, np.bool_)) and not value)):
+        if arguments.get(key) is not None:
             raise ValueError(
                 f"Keras 3's {shorten(class_name)} config (keras.optimizers, keras >= 3) sets {key}="
-                f"{shorten(arguments[key])}: kopt cannot honour {key} yet ({reason}); only {key}="
-                f"{'False' if key == 'use_ema' else 'None'} loads"
+                f"{shorten(arguments[key])}: kopt cannot honour {key} yet ({reason}); only {key}=None loads"
             )
-    options = {key: value for key, value in arguments.items() if key not in _KERAS3_KEYS}
+    own = (*_KERAS3_KEYS, "use_ema", "ema_momentum", "ema_overwrite_frequency")
+    options = {key: value for key, value in arguments.items() if key not in own}
     try:
-        return known[class_name.lower()](**options, is_legacy_optimizer=False)
+        base = known[class_name.lower()](**options, is_legacy_optimizer=False)
     except TypeError as error:  # an unknown key
         raise ValueError(clip(f"Keras 3's {class_name} config: {error}", MESSAGE_LIMIT)) from None
+    members: list[GradientTransformation] = []
+    if arguments.get("loss_scale_factor") is not None:
+        members.append(unscale_loss(arguments["loss_scale_factor"]))
+    members.append(base)
+    if check_bool("use_ema", arguments.get("use_ema", False)):
+        momentum = check_hyperparam("ema_momentum", arguments.get("ema_momentum", 0.99))
+        every = arguments.get("ema_overwrite_frequency")
+        every = None if every is None or every == 0 else check_count("ema_overwrite_frequency", every)
+        members.append(ema_overwrite(momentum, every, from_first_step=True))
+    transform = base if len(members) == 1 else chain(*members)
+    return Optimizer(transform, base.class_name, dict(arguments), KERAS3)
 
 
 def get(identifier: str | Mapping[str, Any] | GradientTransformation) -> GradientTransformation:

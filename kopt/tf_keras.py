@@ -268,9 +268,7 @@ def _options(class_name: str, learning_rate: Any, options: dict[str, Any]) -> tu
     if legacy:
         return learning_rate, {"is_legacy_optimizer": True, "name": class_name, "decay": 0.0, **options}
     if check_bool("use_ema", options.get("use_ema", False)):
-        momentum = check_hyperparam("ema_momentum", options.get("ema_momentum", 0.99))
-        if is_concrete(momentum) and not 0 <= momentum <= 1:
-            raise ValueError(f"ema_momentum must be in [0, 1], got {momentum!r}")
+        check_hyperparam("ema_momentum", options.get("ema_momentum", 0.99))
         every = options.get("ema_overwrite_frequency")
         if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 0):
             raise ValueError(f"ema_overwrite_frequency must be None or a whole number of steps >= 0, got {every!r}")

@@ -677,6 +677,43 @@ def scale_by_nadam(
     return GradientTransformation(init, update)
 
 
+# --------------------------------------------------------------------------- loss scale
+
+
+class UnscaleLossState(NamedTuple):
+    hyperparams: HyperParams
+
+
+def unscale_loss(loss_scale_factor: float) -> GradientTransformation:
+    """``g <- g / loss_scale_factor``: gradients of a loss multiplied by ``loss_scale_factor`` (to keep float16
+    gradients from underflowing) brought back to the loss's own scale, as Keras 3's ``loss_scale_factor`` does.
+
+    Put it first in a chain (before clipping), and multiply the loss by the
+    same factor before differentiating it. The factor is held in the state
+    (``loss_scale_factor``).
+
+    Example:
+        >>> import jax.numpy as jnp, kopt
+        >>> opt = kopt.chain(kopt.unscale_loss(1024.0), kopt.scale_by_learning_rate(0.1))
+        >>> updates, _ = opt.update(jnp.array([2048.0]), opt.init(jnp.zeros(1)))
+        >>> updates.tolist()
+        [-0.20000000298023224]
+    """
+    values = _checked(loss_scale_factor=loss_scale_factor)
+
+    def init(params):
+        return UnscaleLossState(init_hyperparams(values, params))
+
+    @expects(UnscaleLossState)
+    def update(updates, state, params=None, **extra_args):
+        del params, extra_args
+        hp = current_hyperparams(state.hyperparams, values)
+        (updates,) = map_arrays(lambda g: (g / hp["loss_scale_factor"],), updates)
+        return updates, UnscaleLossState(hp)
+
+    return GradientTransformation(init, update)
+
+
 # --------------------------------------------------------------------------- weight decay
 
 

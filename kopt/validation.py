@@ -70,6 +70,8 @@ RANGES: dict[str, Range] = {
     "min_scale": NON_NEGATIVE,
     "slow_step_size": Range(0.0, 1.0, low_inclusive=False),
     "ema_decay": Range(0.0, 1.0, high_inclusive=False),
+    "ema_momentum": Range(0.0, 1.0),
+    "loss_scale_factor": Range(0.0, low_inclusive=False),
     "patience": NON_NEGATIVE,
     "cooldown": NON_NEGATIVE,
 }
