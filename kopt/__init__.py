@@ -57,7 +57,14 @@ from kopt.transforms import (
     trace,
     unscale_loss,
 )
-from kopt.wrappers import AccumulateState, SkipNonfiniteState, accumulate, skip_nonfinite
+from kopt.wrappers import (
+    AccumulateState,
+    DynamicLossScaleState,
+    SkipNonfiniteState,
+    accumulate,
+    dynamic_loss_scale,
+    skip_nonfinite,
+)
 
 __version__ = "0.1.0"
 
@@ -91,6 +98,7 @@ __all__ = [
     "scale_by_lion",
     "ftrl",
     "unscale_loss",
+    "dynamic_loss_scale",
     "scale_by_nadam",
     "scale_by_learning_rate",
     "add_decayed_weights",
@@ -166,6 +174,7 @@ __all__ = [
     "EmaOverwriteState",
     "FtrlState",
     "UnscaleLossState",
+    "DynamicLossScaleState",
     "MaskedState",
     "PartitionState",
     "SkipNonfiniteState",

@@ -151,6 +151,11 @@ def _layouts(opt: Any) -> dict[str, Layout]:
             f"opt must be a kopt Keras optimizer (SGD, RMSprop, Adagrad, Adadelta, Adam, Adamax, Nadam, "
             f"e.g. kopt.Adam() or kopt.tf_keras.Adam()), got {opt!r}"
         )
+    if opt.class_name in ("LossScaleOptimizer", "LossScaleOptimizerV3"):
+        raise ValueError(
+            f"{opt.class_name}'s weights (its inner optimizer's, the loss scale and its counter) are not read or "
+            "written yet; start from opt.init(params)"
+        )
     if opt.flavor == "keras3":
         raise ValueError(
             f"{opt!r} was built from a Keras 3 config: Keras 3's optimizer variables (.keras files) are not read "

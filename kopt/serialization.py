@@ -29,6 +29,7 @@ from kopt.optimizers import SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, Nadam, 
 from kopt.state import get_hyperparams
 from kopt.transforms import unscale_loss
 from kopt.validation import check_bool, check_count, check_hyperparam
+from kopt.wrappers import dynamic_loss_scale
 
 #: The optimizers ``get``/``deserialize`` know, by lower-case name.
 OPTIMIZERS = {c.__name__.lower(): c for c in (SGD, RMSprop, Adagrad, Adadelta, Adam, Adamax, Nadam, AdamW)}
@@ -103,6 +104,13 @@ def serialize(
     if flavor == opt.flavor:
         if flavor == tf_keras.KERAS:
             return {"class_name": opt.class_name, "config": config}
+        if opt.class_name in LOSS_SCALE_CLASSES and flavor != KERAS3:  # tf_keras registers them by class name
+            return {
+                "module": MODULE_TF_LOSS_SCALE,
+                "class_name": opt.class_name,
+                "config": config,
+                "registered_name": opt.class_name,
+            }
         if flavor == KERAS3:  # Keras 3's serialize() dict, which keras.optimizers.deserialize reads back
             return {
                 "module": "keras.optimizers",
@@ -325,6 +333,8 @@ def deserialize(config: Mapping[str, Any], *, flavor: str | None = None) -> Opti
             "config['config']['is_legacy_optimizer'] must be True or False, "
             f"got {shorten(arguments['is_legacy_optimizer'])}"
         )
+    if config["class_name"].removeprefix("Custom>") in LOSS_SCALE_CLASSES and isinstance(arguments, Mapping):
+        return _loss_scale_optimizer(config["class_name"].removeprefix("Custom>"), arguments)
     flavor = config_flavor(config) if flavor is None else flavor
     if flavor not in (*tf_keras.FLAVORS, KERAS3):
         raise ValueError(
@@ -407,6 +417,46 @@ def _keras3(class_name: str, arguments: Mapping[str, Any]) -> Optimizer:
         members.append(ema_overwrite(momentum, every, from_first_step=True))
     transform = base if len(members) == 1 else chain(*members)
     return Optimizer(transform, base.class_name, dict(arguments), KERAS3)
+
+
+#: The class names of Keras' loss-scale optimizers: Keras 3's and tf_keras' legacy one, then TF >= 2.11's.
+LOSS_SCALE_CLASSES = ("LossScaleOptimizer", "LossScaleOptimizerV3")
+#: Where tf_keras' loss-scale optimizers are registered (its serialize() dict's ``module``).
+MODULE_TF_LOSS_SCALE = "tf_keras.src.mixed_precision.loss_scale_optimizer"
+_LOSS_SCALE_KEYS = {
+    KERAS3: ("name", "inner_optimizer", "initial_scale", "dynamic_growth_steps"),
+    "tf_keras": ("inner_optimizer", "dynamic", "initial_scale", "dynamic_growth_steps"),
+}
+
+
+def _loss_scale_optimizer(class_name: str, arguments: Mapping[str, Any]) -> Optimizer:
+    """A loss-scale optimizer's config: its inner optimizer (a config of its own) in
+    :func:`kopt.dynamic_loss_scale`. Keras 3's takes the scaled gradients and unscales them; tf_keras' takes
+    them unscaled (``get_unscaled_gradients``), never lets the scale fall below 1 and counts skipped steps."""
+    inner_config = arguments.get("inner_optimizer")
+    if not isinstance(inner_config, Mapping):
+        raise ValueError(f"{class_name} config needs 'inner_optimizer', a config dict; got {shorten(inner_config)}")
+    inner = deserialize(inner_config)
+    keras3 = inner.flavor == KERAS3
+    family = "Keras 3 (keras >= 3)" if keras3 else "tf_keras"
+    allowed = _LOSS_SCALE_KEYS[KERAS3 if keras3 else "tf_keras"]
+    unknown = [key for key in arguments if key not in allowed]
+    if unknown:
+        raise ValueError(
+            f"{family}'s {class_name} config: kopt cannot honour {', '.join(map(repr, unknown))}; "
+            f"its keys are {', '.join(allowed)}"
+        )
+    dynamic = check_bool("dynamic", arguments.get("dynamic", True))
+    growth = check_count("dynamic_growth_steps", arguments.get("dynamic_growth_steps", 2000)) if dynamic else None
+    transform = dynamic_loss_scale(
+        inner,
+        arguments.get("initial_scale", 2.0**15),
+        growth,
+        unscale=keras3,
+        min_scale=0.0 if keras3 else 1.0,
+        count_skipped=not keras3,
+    )
+    return Optimizer(transform, class_name, dict(arguments), inner.flavor)
 
 
 def get(identifier: str | Mapping[str, Any] | GradientTransformation) -> GradientTransformation:

@@ -72,6 +72,7 @@ RANGES: dict[str, Range] = {
     "ema_decay": Range(0.0, 1.0, high_inclusive=False),
     "ema_momentum": Range(0.0, 1.0),
     "loss_scale_factor": Range(0.0, low_inclusive=False),
+    "initial_scale": Range(0.0, low_inclusive=False),
     "patience": NON_NEGATIVE,
     "cooldown": NON_NEGATIVE,
 }
