@@ -388,11 +388,12 @@ def _keras3(class_name: str, arguments: Mapping[str, Any]) -> Optimizer:
     own options around it: ``loss_scale_factor`` unscales the gradients first, ``use_ema`` keeps Keras 3's
     moving average (from the first step's weights) last. Labelled ``"keras3"``: it serializes back to the
     Keras 3 config it came from."""
-    known = {name.lower(): constructor for name, constructor in tf_keras.OPTIMIZERS.items()}
+    every = {**tf_keras.OPTIMIZERS, **tf_keras.KERAS3_ONLY}
+    known = {name.lower(): constructor for name, constructor in every.items()}
     if class_name.lower() not in known:
         raise ValueError(
             f"Keras 3 optimizer {shorten(class_name)} (a keras.optimizers config, keras >= 3) has no kopt "
-            f"counterpart yet; kopt builds Keras 3's {', '.join(tf_keras.OPTIMIZERS)}"
+            f"counterpart yet; kopt builds Keras 3's {', '.join(every)}, LossScaleOptimizer"
         )
     for key, reason in _KERAS3_REFUSED.items():
         if arguments.get(key) is not None:

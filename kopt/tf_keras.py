@@ -83,6 +83,7 @@ from kopt.transforms import (
     scale_by_lion,
     scale_by_nadam,
     scale_by_rms,
+    scale_by_trust_ratio,
     trace,
 )
 from kopt.tree import rounded_once
@@ -327,12 +328,14 @@ def _optimizer(
     *,
     momentum: GradientTransformation | None = None,
     step: Callable[[LearningRate], GradientTransformation] = scale_by_learning_rate,
+    per_leaf: bool = False,
 ) -> Optimizer:
     """``[clipping], scaling, [weight decay], learning rate, [momentum]`` labelled with its TensorFlow config.
 
     ``momentum`` (SGD, RMSprop) comes after the learning rate so that its
     velocity holds lr-scaled steps, as TensorFlow's does. ``step`` makes the
     learning rate's transform from the rate (FTRL takes the rate inside its rule).
+    ``per_leaf``: the scaling's math is per variable (Lamb's trust ratio), so leaves stay apart.
     """
     legacy = options["is_legacy_optimizer"]
     packed = options.pop("packed", None)
@@ -345,7 +348,7 @@ def _optimizer(
                 f"{class_name}(weight_decay=..., momentum > 0) cannot be honoured: TensorFlow decays the variable "
                 "outside the momentum, which this chain cannot express; use momentum=0 or kopt.add_decayed_weights"
             )
-        if step is not scale_by_learning_rate:
+        if step is not scale_by_learning_rate or per_leaf:
             raise ValueError(
                 f"{class_name}(weight_decay=...) cannot be honoured: TensorFlow decays the variable before its rule "
                 "reads it, which this chain cannot express"
@@ -361,9 +364,14 @@ def _optimizer(
     if momentum and not is_concrete(config["momentum"]):
         transform = _refusing_states_without_velocity(transform, len(members))
     layout = packed
-    if switched_on(options.get("clipnorm")):  # TensorFlow clips each variable on its own norm: leaves stay apart
+    if switched_on(options.get("clipnorm")) or per_leaf:  # math per variable (clipnorm, trust ratio): leaves apart
         if packed:
-            raise ValueError(f"{class_name}(clipnorm=...) clips each variable on its own norm: it cannot be packed")
+            what = (
+                "(...) scales each variable on its own"
+                if per_leaf
+                else "(clipnorm=...) clips each variable on its own norm"
+            )
+            raise ValueError(f"{class_name}{what}: it cannot be packed")
         layout = False
     transform = packing.as_asked(rounded_once(transform), layout)
     ordered = {"name": options.pop("name"), **{k: v for k, v in options.items() if k != "is_legacy_optimizer"}}
@@ -657,6 +665,21 @@ def Ftrl(
 
     return _optimizer("Ftrl", config, options, [], step=step)
 
+
+def _lamb(
+    learning_rate: Any = 0.001, beta_1: float = 0.9, beta_2: float = 0.999, epsilon: float = 1e-7, **options: Any
+) -> Optimizer:
+    """Keras 3's Lamb (tf_keras has none): Adam's moments with ``epsilon`` on the corrected root, scaled per
+    variable by the trust ratio ``||p|| / ||u||`` (:func:`kopt.scale_by_trust_ratio`), then by the learning rate.
+    Leaves stay apart. ``weight_decay`` is refused (Keras decays the variable before the ratio reads its norm)."""
+    learning_rate, options = _options("Lamb", learning_rate, _current_only("Lamb", options))
+    config = {"learning_rate": learning_rate, "beta_1": beta_1, "beta_2": beta_2, "epsilon": epsilon}
+    scaling = [scale_by_adam(beta_1, beta_2, epsilon, corrected_epsilon=True), scale_by_trust_ratio()]
+    return _optimizer("Lamb", config, options, scaling, per_leaf=True)
+
+
+#: Optimizers Keras 3 has and tf_keras has not, built with the same machinery (for Keras 3 configs).
+KERAS3_ONLY: dict[str, Callable[..., Optimizer]] = {"Lamb": _lamb}
 
 #: TensorFlow's optimizers by class name.
 OPTIMIZERS: dict[str, Callable[..., Optimizer]] = {

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 
 from kopt.base import GradientTransformation, Updates, expects
 from kopt.groups import masked
+from kopt.packing import refuse_packed
 from kopt.schedules import Schedule, constant_schedule
 from kopt.state import current_hyperparams, init_hyperparams
 from kopt.tree import abs_sq, hyperparam_dtype, map_arrays, zeros_slots
@@ -343,13 +344,17 @@ class ScaleByAdamState(NamedTuple):
     hyperparams: HyperParams
 
 
-def _adam_array(g, m, v, vhat, beta_1, beta_2, epsilon, bias_correction):
+def _adam_array(g, m, v, vhat, beta_1, beta_2, epsilon, corrections, corrected_epsilon):
     m = beta_1 * m + (1 - beta_1) * g
     v = beta_2 * v + (1 - beta_2) * abs_sq(g)
     if vhat is not None:
         vhat = jnp.maximum(vhat, v)
-    denominator = jnp.sqrt(v if vhat is None else vhat) + epsilon
-    return bias_correction * m / denominator, m, v, vhat
+    second = v if vhat is None else vhat
+    if corrected_epsilon:  # epsilon meets the corrected root (Keras 3's Lamb, optax's adam)
+        first_correction, second_correction = corrections
+        return (m / first_correction) / (jnp.sqrt(second / second_correction) + epsilon), m, v, vhat
+    (bias_correction,) = corrections
+    return bias_correction * m / (jnp.sqrt(second) + epsilon), m, v, vhat
 
 
 def scale_by_adam(
@@ -358,6 +363,7 @@ def scale_by_adam(
     epsilon: float = 1e-7,
     amsgrad: bool = False,
     state_dtype: Any = None,
+    corrected_epsilon: bool = False,
 ) -> GradientTransformation:
     """Adam's scaling (Keras 2), bias correction folded into the step size.
 
@@ -366,8 +372,10 @@ def scale_by_adam(
     ``c_t = sqrt(1 - beta_2**t) / (1 - beta_1**t)``. ``m`` and ``v`` are stored
     uncorrected and ``epsilon`` meets the uncorrected ``sqrt(v)``, so this is
     *not* optax's ``scale_by_adam`` with the same ``epsilon``. With
+    ``corrected_epsilon=True`` (Keras 3's Lamb, and optax's form) the output is
+    ``(m / (1 - beta_1**t)) / (sqrt(v / (1 - beta_2**t)) + epsilon)``. With
     ``amsgrad=True``, ``vhat <- max(vhat, v)`` replaces ``v`` in the
-    denominator (``v`` keeps its EMA). Defaults ``0.9, 0.999, 1e-7, False``.
+    denominator (``v`` keeps its EMA). Defaults ``0.9, 0.999, 1e-7, False, None, False``.
 
     Example:
         >>> import kopt
@@ -376,6 +384,7 @@ def scale_by_adam(
     values = _checked(beta_1=beta_1, beta_2=beta_2, epsilon=epsilon)
     state_dtype = check_state_dtype(state_dtype)
     amsgrad = check_bool("amsgrad", amsgrad)
+    corrected_epsilon = check_bool("corrected_epsilon", corrected_epsilon)
 
     def init(params):
         vhat = zeros_slots(params, state_dtype, real=True) if amsgrad else None
@@ -393,9 +402,11 @@ def scale_by_adam(
         hp = current_hyperparams(state.hyperparams, values)
         beta_1, beta_2, epsilon = hp["beta_1"], hp["beta_2"], hp["epsilon"]
         t = _step_number(state.count, beta_1.dtype)
-        bias_correction = jnp.sqrt(1 - beta_2**t) / (1 - beta_1**t)
+        corrections = (1 - beta_1**t, 1 - beta_2**t)
+        if not corrected_epsilon:  # one scalar, folded into the step size
+            corrections = (jnp.sqrt(corrections[1]) / corrections[0],)
         updates, m, v, vhat = map_arrays(
-            lambda g, m, v, vhat: _adam_array(g, m, v, vhat, beta_1, beta_2, epsilon, bias_correction),
+            lambda g, m, v, vhat: _adam_array(g, m, v, vhat, beta_1, beta_2, epsilon, corrections, corrected_epsilon),
             updates,
             state.m,
             state.v,
@@ -500,6 +511,51 @@ def scale_by_lion(beta_1: float = 0.9, beta_2: float = 0.99, state_dtype: Any = 
         hp = current_hyperparams(state.hyperparams, values)
         updates, m = map_arrays(lambda g, m: _lion_array(g, m, hp["beta_1"], hp["beta_2"]), updates, state.m)
         return updates, ScaleByLionState(m, hp)
+
+    return GradientTransformation(init, update)
+
+
+# --------------------------------------------------------------------------- trust ratio (LAMB)
+
+
+class ScaleByTrustRatioState(NamedTuple):
+    """No state: the ratio is read from the params and the updates of each step."""
+
+
+def _trust_ratio_array(u, p):
+    params_norm, updates_norm = jnp.sqrt(jnp.sum(abs_sq(p))), jnp.sqrt(jnp.sum(abs_sq(u)))
+    ratio = jnp.where((params_norm > 0) & (updates_norm > 0), params_norm / updates_norm, 1.0)
+    return u * ratio, p
+
+
+def scale_by_trust_ratio() -> GradientTransformation:
+    """LAMB's layer-wise trust ratio: each param array's update is scaled by ``||p|| / ||u||``.
+
+    Norms are Euclidean over the whole array; the ratio is 1 where either norm
+    is 0 (a param at zero, a zero update), as Keras 3's Lamb has it. Its math
+    is per array, so it refuses the packed layout: give ``packed=False``. Needs
+    the params.
+
+    Example:
+        >>> import jax.numpy as jnp, kopt
+        >>> opt = kopt.scale_by_trust_ratio()
+        >>> updates, _ = opt.update(jnp.array([0.0, 0.1]), opt.init(None), jnp.array([3.0, 4.0]))
+        >>> updates.tolist()  # ||p|| = 5, ||u|| = 0.1: scaled by 50
+        [0.0, 5.0]
+    """
+
+    def init(params):
+        del params
+        return ScaleByTrustRatioState()
+
+    @expects(ScaleByTrustRatioState)
+    def update(updates, state, params=None, **extra_args):
+        del extra_args
+        refuse_packed("scale_by_trust_ratio", updates)
+        if params is None:
+            raise ValueError("scale_by_trust_ratio needs the params: call update(updates, state, params)")
+        updates, _ = map_arrays(_trust_ratio_array, updates, params)
+        return updates, state
 
     return GradientTransformation(init, update)
 

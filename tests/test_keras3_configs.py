@@ -44,6 +44,7 @@ OPTIMIZERS = {
     "Nadam": lambda **o: keras.optimizers.Nadam(0.01, **o),
     "Lion": lambda **o: keras.optimizers.Lion(0.01, beta_1=0.8, beta_2=0.95, **o),
     "Ftrl": lambda **o: keras.optimizers.Ftrl(0.1, l1_regularization_strength=0.01, beta=0.3, **o),
+    "Lamb": lambda **o: keras.optimizers.Lamb(0.01, beta_1=0.8, epsilon=1e-6, **o),
 }
 OPTIONS = {
     "defaults": {},
@@ -64,6 +65,7 @@ REFUSED = {
     ("SGD", "weight_decay"): r"weight_decay=\.\.\., momentum > 0",
     ("RMSprop", "weight_decay"): r"weight_decay=\.\.\., momentum > 0",
     ("Ftrl", "weight_decay"): r"Ftrl\(weight_decay=\.\.\.\) cannot be honoured",
+    ("Lamb", "weight_decay"): r"Lamb\(weight_decay=\.\.\.\) cannot be honoured",
 }
 
 
@@ -145,7 +147,7 @@ def test_keras3_keys_kopt_cannot_honour_are_named(key, value):
         kopt.deserialize(config)
 
 
-@pytest.mark.parametrize("name", ["Lamb", "Adafactor", "Muon"])
+@pytest.mark.parametrize("name", ["Adafactor", "Muon", "ScheduleFreeAdamW"])
 def test_keras3_optimizers_without_counterpart_are_named(name):
     config = keras.optimizers.serialize(getattr(keras.optimizers, name)())
     with pytest.raises(ValueError, match=rf"Keras 3 optimizer '{name}' .*keras >= 3.* no kopt counterpart yet"):
