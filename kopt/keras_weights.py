@@ -151,10 +151,15 @@ def _layouts(opt: Any) -> dict[str, Layout]:
             f"opt must be a kopt Keras optimizer (SGD, RMSprop, Adagrad, Adadelta, Adam, Adamax, Nadam, "
             f"e.g. kopt.Adam() or kopt.tf_keras.Adam()), got {opt!r}"
         )
-    if opt.class_name in ("LossScaleOptimizer", "LossScaleOptimizerV3"):
+    unread = {
+        "LossScaleOptimizer": "its inner optimizer's, the loss scale and its counter",
+        "LossScaleOptimizerV3": "its inner optimizer's, the loss scale and its counter",
+        "Adafactor": "r and c exist only for variables of 2 or more dimensions",
+    }
+    if opt.class_name in unread:
         raise ValueError(
-            f"{opt.class_name}'s weights (its inner optimizer's, the loss scale and its counter) are not read or "
-            "written yet; start from opt.init(params)"
+            f"{opt.class_name}'s weights ({unread[opt.class_name]}) are not read or written yet; "
+            "start from opt.init(params)"
         )
     if opt.flavor == "keras3":
         raise ValueError(

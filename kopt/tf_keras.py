@@ -76,6 +76,7 @@ from kopt.transforms import (
     add_decayed_weights,
     ftrl,
     scale_by_adadelta,
+    scale_by_adafactor,
     scale_by_adagrad,
     scale_by_adam,
     scale_by_adamax,
@@ -100,6 +101,7 @@ __all__ = [
     "AdamW",
     "Lion",
     "Ftrl",
+    "Adafactor",
     "schedule_from_config",
 ]
 
@@ -666,6 +668,44 @@ def Ftrl(
     return _optimizer("Ftrl", config, options, [], step=step)
 
 
+def Adafactor(
+    learning_rate: Any = 0.001,
+    beta_2_decay: float = -0.8,
+    epsilon_1: float = 1e-30,
+    epsilon_2: float = 1e-3,
+    clip_threshold: float = 1.0,
+    relative_step: bool = True,
+    **options: Any,
+) -> Optimizer:
+    """TensorFlow's Adafactor (TF >= 2.11 only; Keras 3's is the same rule): :func:`kopt.scale_by_adafactor`,
+    a factored second moment with a relative step size and update clipping, the learning rate inside.
+
+    Defaults ``learning_rate=0.001, beta_2_decay=-0.8, epsilon_1=1e-30, epsilon_2=1e-3, clip_threshold=1.0,
+    relative_step=True`` (kept in the config; it changes nothing in Keras' rule beyond the step size's
+    ``min(lr, 1/sqrt(t))``, which applies anyway). Leaves stay apart (the rule is per variable);
+    ``weight_decay`` is refused (TensorFlow decays the variable before the rule reads its RMS). Its weights
+    (``r`` and ``c`` exist only for variables of 2 or more dimensions) are not read or written yet.
+
+    Example:
+        >>> import kopt
+        >>> opt = kopt.tf_keras.Adafactor(learning_rate=0.01)
+    """
+    learning_rate, options = _options("Adafactor", learning_rate, _current_only("Adafactor", options))
+    config = {
+        "learning_rate": learning_rate,
+        "beta_2_decay": beta_2_decay,
+        "epsilon_1": epsilon_1,
+        "epsilon_2": epsilon_2,
+        "clip_threshold": clip_threshold,
+        "relative_step": check_bool("relative_step", relative_step),
+    }
+
+    def step(rate: LearningRate) -> GradientTransformation:
+        return scale_by_adafactor(rate, beta_2_decay, epsilon_1, epsilon_2, clip_threshold)
+
+    return _optimizer("Adafactor", config, options, [], step=step, per_leaf=True)
+
+
 def _lamb(
     learning_rate: Any = 0.001, beta_1: float = 0.9, beta_2: float = 0.999, epsilon: float = 1e-7, **options: Any
 ) -> Optimizer:
@@ -683,5 +723,5 @@ KERAS3_ONLY: dict[str, Callable[..., Optimizer]] = {"Lamb": _lamb}
 
 #: TensorFlow's optimizers by class name.
 OPTIMIZERS: dict[str, Callable[..., Optimizer]] = {
-    f.__name__: f for f in (SGD, RMSprop, Adagrad, Adadelta, Adam, Adamax, Nadam, AdamW, Lion, Ftrl)
+    f.__name__: f for f in (SGD, RMSprop, Adagrad, Adadelta, Adam, Adamax, Nadam, AdamW, Lion, Ftrl, Adafactor)
 }

@@ -560,6 +560,104 @@ def scale_by_trust_ratio() -> GradientTransformation:
     return GradientTransformation(init, update)
 
 
+# --------------------------------------------------------------------------- Adafactor
+
+
+class ScaleByAdafactorState(NamedTuple):
+    inner_state: ScaleByLearningRateState  # the learning rate's: step count, lr, current_lr
+    r: Updates  # row means of the second moment (shape[:-1]); a 0 placeholder below 2 dimensions
+    c: Updates  # column means (shape[:-2] + shape[-1:]); a 0 placeholder below 2 dimensions
+    v: Updates  # the second moment, shaped like the param
+    hyperparams: HyperParams
+
+
+def _rms(x: jax.Array) -> jax.Array:
+    return jnp.sqrt(jnp.mean(abs_sq(x)))
+
+
+def _adafactor_array(g, p, r, c, v, lr, t, hp):
+    dtype = v.dtype
+    g, p = g.astype(dtype), p.astype(dtype)
+    rho = jnp.minimum(lr, 1 / jnp.sqrt(t))
+    alpha = jnp.maximum(hp["epsilon_2"], _rms(p)) * rho
+    regulated = abs_sq(g) + hp["epsilon_1"]
+    beta_2 = 1 - t ** hp["beta_2_decay"]
+    if jnp.ndim(p) >= 2:  # factored: the outer product of row and column means stands for v
+        r = beta_2 * r + (1 - beta_2) * jnp.mean(regulated, axis=-1)
+        c = beta_2 * c + (1 - beta_2) * jnp.mean(regulated, axis=-2)
+        v = (r / jnp.mean(r, axis=-1, keepdims=True))[..., None] * c[..., None, :]
+    else:
+        v = beta_2 * v + (1 - beta_2) * regulated
+    u = g / jnp.sqrt(v)
+    u = u / jnp.maximum(1, _rms(u) / hp["clip_threshold"])
+    return -alpha * u, r, c, v
+
+
+def scale_by_adafactor(
+    learning_rate: float | Schedule = 0.001,
+    beta_2_decay: float = -0.8,
+    epsilon_1: float = 1e-30,
+    epsilon_2: float = 1e-3,
+    clip_threshold: float = 1.0,
+    state_dtype: Any = None,
+) -> GradientTransformation:
+    """Adafactor (Shazeer & Stern 2018) as Keras has it (Keras 3 and tf_keras): a factored second moment,
+    a relative step size and update clipping. The learning rate is inside: chain nothing that rescales after.
+
+    At step ``t`` (from 1), per param array ``p`` with ``s = g**2 + epsilon_1``
+    and ``b = 1 - t**beta_2_decay``: for 2 or more dimensions the row and
+    column means ``r <- b*r + (1-b)*mean(s, -1)``, ``c <- b*c + (1-b)*mean(s, -2)``
+    give ``v = r / mean(r) (outer) c``; below 2 dimensions ``v <- b*v + (1-b)*s``.
+    Then ``u = g / sqrt(v)``, clipped to ``u / max(1, rms(u) / clip_threshold)``,
+    and the update is ``-max(epsilon_2, rms(p)) * min(lr_i, 1/sqrt(t)) * u``
+    (Keras' ``relative_step`` changes nothing beyond that ``min``). Its math is
+    per array: it refuses the packed layout. Needs the params. Defaults
+    ``0.001, -0.8, 1e-30, 1e-3, 1.0``.
+
+    Example:
+        >>> import jax.numpy as jnp, kopt
+        >>> opt = kopt.scale_by_adafactor(0.01)
+        >>> params = jnp.ones((2, 3))
+        >>> updates, state = opt.update(jnp.full((2, 3), 5.0), opt.init(params), params)
+        >>> sorted({round(float(u), 6) for u in updates.ravel()})  # rms(p) = 1, lr 0.01, direction 1 each
+        [-0.01]
+    """
+    values = _checked(
+        beta_2_decay=beta_2_decay, epsilon_1=epsilon_1, epsilon_2=epsilon_2, clip_threshold=clip_threshold
+    )
+    state_dtype = check_state_dtype(state_dtype)
+    rate = scale_by_learning_rate(learning_rate)
+
+    def init(params):
+        v = zeros_slots(params, state_dtype, real=True)
+
+        def factor(slot, keep):
+            return None if slot is None else jnp.zeros(keep(slot.shape) if slot.ndim >= 2 else (), slot.dtype)
+
+        r = jax.tree.map(lambda slot: factor(slot, lambda shape: shape[:-1]), v)
+        c = jax.tree.map(lambda slot: factor(slot, lambda shape: shape[:-2] + shape[-1:]), v)
+        return ScaleByAdafactorState(rate.init(params), r, c, v, init_hyperparams(values, params))
+
+    @expects(ScaleByAdafactorState)
+    def update(updates, state, params=None, **extra_args):
+        del extra_args
+        refuse_packed("scale_by_adafactor", updates)
+        if params is None:
+            raise ValueError("scale_by_adafactor needs the params: call update(updates, state, params)")
+        hp = current_hyperparams(state.hyperparams, values)
+        lr = state.inner_state.hyperparams["current_lr"]
+        minus_lr, rate_state = rate.update(jnp.ones((), lr.dtype), state.inner_state)
+        t = _step_number(state.inner_state.count, lr.dtype)
+        leaves, treedef = jax.tree.flatten(updates)
+        slots = [treedef.flatten_up_to(tree) for tree in (params, state.r, state.c, state.v)]
+        results = [_adafactor_array(g, *others, -minus_lr, t, hp) for g, *others in zip(leaves, *slots, strict=True)]
+        new_updates = treedef.unflatten([u.astype(g.dtype) for (u, *_), g in zip(results, leaves, strict=True)])
+        r, c, v = (treedef.unflatten([result[k] for result in results]) for k in (1, 2, 3))
+        return new_updates, ScaleByAdafactorState(rate_state, r, c, v, hp)
+
+    return GradientTransformation(init, update)
+
+
 # --------------------------------------------------------------------------- FTRL
 
 

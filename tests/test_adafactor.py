@@ -1,0 +1,106 @@
+"""Adafactor: ``kopt.scale_by_adafactor`` against a NumPy transcription of Keras' rule (1-, 2- and 3-dimensional
+params, float32 and float64), and ``kopt.tf_keras.Adafactor`` against real TensorFlow (live when tf_keras is
+installed), built from its ``serialize()`` dict alone. Keras 3's is checked in tests/test_keras3_configs.py."""
+
+import json
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kopt
+
+SHAPES = [(4,), (3, 4), (2, 3, 4)]
+STEPS = 6
+
+
+def gradients(seed: int, dtype=np.float32) -> list[list[np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [[rng.normal(size=s).astype(dtype) for s in SHAPES] for _ in range(STEPS)]
+
+
+def numpy_adafactor(params, grads, lr, decay, eps_1, eps_2, clip):
+    def rms(x):
+        return np.sqrt(np.mean(x**2))
+
+    r = [np.zeros(p.shape[:-1]) if p.ndim >= 2 else None for p in params]
+    c = [np.zeros(p.shape[:-2] + p.shape[-1:]) if p.ndim >= 2 else None for p in params]
+    v = [np.zeros(p.shape) for p in params]
+    p = [x.astype(np.float64) for x in params]
+    trajectory = []
+    for t, step in enumerate(grads, start=1):
+        for k, g in enumerate(step):
+            rho = min(lr, 1 / np.sqrt(t))
+            alpha = max(eps_2, rms(p[k])) * rho
+            s = g.astype(np.float64) ** 2 + eps_1
+            b = 1 - t**decay
+            if p[k].ndim >= 2:
+                r[k] = b * r[k] + (1 - b) * s.mean(axis=-1)
+                c[k] = b * c[k] + (1 - b) * s.mean(axis=-2)
+                v[k] = (r[k] / r[k].mean(axis=-1, keepdims=True))[..., None] * c[k][..., None, :]
+            else:
+                v[k] = b * v[k] + (1 - b) * s
+            u = g / np.sqrt(v[k])
+            u = u / max(1.0, rms(u) / clip)
+            p[k] = p[k] - alpha * u
+        trajectory.append([x.copy() for x in p])
+    return trajectory
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_scale_by_adafactor_is_the_rule(dtype):
+    with jax.enable_x64(dtype == np.float64):
+        rng = np.random.default_rng(0)
+        params = [rng.normal(size=s).astype(dtype) for s in SHAPES]
+        grads = gradients(1, dtype)
+        expected = numpy_adafactor(params, grads, 0.05, -0.8, 1e-30, 1e-3, 0.5)
+        opt = kopt.scale_by_adafactor(0.05, clip_threshold=0.5)
+        current = [jnp.asarray(p) for p in params]
+        state = opt.init(current)
+        assert [jnp.shape(leaf) for leaf in kopt.get_slot(state, "r")] == [(), (3,), (2, 3)]
+        tolerance = {"rtol": 2e-6, "atol": 2e-7} if dtype == np.float32 else {"rtol": 1e-12, "atol": 1e-13}
+        for t, g in enumerate(grads, start=1):
+            updates, state = opt.update([jnp.asarray(x) for x in g], state, current)
+            current = kopt.apply_updates(current, updates)
+            assert all(leaf.dtype == dtype for leaf in current)
+            chex.assert_trees_all_close(current, [x.astype(dtype) for x in expected[t - 1]], **tolerance)
+
+
+def test_adafactor_refuses_what_it_cannot_do():
+    with pytest.raises(ValueError, match=r"Adafactor\(weight_decay=\.\.\.\) cannot be honoured"):
+        kopt.tf_keras.Adafactor(weight_decay=0.1)
+    with pytest.raises(ValueError, match="Adafactor has no legacy TensorFlow optimizer"):
+        kopt.tf_keras.Adafactor(is_legacy_optimizer=True)
+    with pytest.raises(ValueError, match="Adafactor's weights"):
+        opt = kopt.tf_keras.Adafactor()
+        kopt.to_keras_weights(opt, opt.init([jnp.ones(2)]))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"clip_threshold": 0.5, "beta_2_decay": -0.5}, {"global_clipnorm": 0.5}, {"learning_rate": "schedule"}],
+    ids=["defaults", "clip, decay", "global_clipnorm", "schedule"],
+)
+def test_tf_keras_adafactor_follows_tensorflow(kwargs):
+    tf_keras = pytest.importorskip("tf_keras")
+    import tensorflow as tf
+
+    kwargs = dict(kwargs)
+    rate = 0.05
+    if kwargs.pop("learning_rate", None) == "schedule":
+        rate = tf_keras.optimizers.schedules.ExponentialDecay(0.05, decay_steps=2, decay_rate=0.5)
+    tf_opt = tf_keras.optimizers.Adafactor(rate, **kwargs)
+    opt = kopt.deserialize(json.loads(json.dumps(tf_keras.optimizers.serialize(tf_opt))))
+    assert (opt.class_name, opt.flavor) == ("Adafactor", "tf_keras")
+    rng = np.random.default_rng(2)
+    start = [rng.normal(size=s).astype(np.float32) for s in SHAPES]
+    variables = [tf.Variable(p) for p in start]
+    params = [jnp.asarray(p) for p in start]
+    state, update = opt.init(params), jax.jit(opt.update)
+    for g in gradients(3):
+        tf_opt.apply_gradients(zip([tf.constant(x) for x in g], variables, strict=True))
+        updates, state = update([jnp.asarray(x) for x in g], state, params)
+        params = kopt.apply_updates(params, updates)
+        chex.assert_trees_all_close(params, [v.numpy() for v in variables], rtol=2e-5, atol=2e-6)
