@@ -4,21 +4,16 @@ installed), built from its ``serialize()`` dict alone. Keras 3's is checked in t
 
 import json
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import kopt
+from tests.stepping import arrays, assert_follows_live, assert_follows_rule
 
 SHAPES = [(4,), (3, 4), (2, 3, 4)]
 STEPS = 6
-
-
-def gradients(seed: int, dtype=np.float32) -> list[list[np.ndarray]]:
-    rng = np.random.default_rng(seed)
-    return [[rng.normal(size=s).astype(dtype) for s in SHAPES] for _ in range(STEPS)]
 
 
 def numpy_adafactor(params, grads, lr, decay, eps_1, eps_2, clip):
@@ -52,20 +47,11 @@ def numpy_adafactor(params, grads, lr, decay, eps_1, eps_2, clip):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_scale_by_adafactor_is_the_rule(dtype):
     with jax.enable_x64(dtype == np.float64):
-        rng = np.random.default_rng(0)
-        params = [rng.normal(size=s).astype(dtype) for s in SHAPES]
-        grads = gradients(1, dtype)
+        params, grads = arrays(0, SHAPES, dtype=dtype), arrays(1, SHAPES, STEPS, dtype)
         expected = numpy_adafactor(params, grads, 0.05, -0.8, 1e-30, 1e-3, 0.5)
         opt = kopt.scale_by_adafactor(0.05, clip_threshold=0.5)
-        current = [jnp.asarray(p) for p in params]
-        state = opt.init(current)
-        assert [jnp.shape(leaf) for leaf in kopt.get_slot(state, "r")] == [(), (3,), (2, 3)]
-        tolerance = {"rtol": 2e-6, "atol": 2e-7} if dtype == np.float32 else {"rtol": 1e-12, "atol": 1e-13}
-        for t, g in enumerate(grads, start=1):
-            updates, state = opt.update([jnp.asarray(x) for x in g], state, current)
-            current = kopt.apply_updates(current, updates)
-            assert all(leaf.dtype == dtype for leaf in current)
-            chex.assert_trees_all_close(current, [x.astype(dtype) for x in expected[t - 1]], **tolerance)
+        assert [jnp.shape(leaf) for leaf in kopt.get_slot(opt.init(params), "r")] == [(), (3,), (2, 3)]
+        assert_follows_rule(opt, params, grads, expected)
 
 
 def test_adafactor_refuses_what_it_cannot_do():
@@ -94,13 +80,10 @@ def test_tf_keras_adafactor_follows_tensorflow(kwargs):
     tf_opt = tf_keras.optimizers.Adafactor(rate, **kwargs)
     opt = kopt.deserialize(json.loads(json.dumps(tf_keras.optimizers.serialize(tf_opt))))
     assert (opt.class_name, opt.flavor) == ("Adafactor", "tf_keras")
-    rng = np.random.default_rng(2)
-    start = [rng.normal(size=s).astype(np.float32) for s in SHAPES]
-    variables = [tf.Variable(p) for p in start]
-    params = [jnp.asarray(p) for p in start]
-    state, update = opt.init(params), jax.jit(opt.update)
-    for g in gradients(3):
+    variables = [tf.Variable(p) for p in arrays(2, SHAPES)]
+
+    def live_step(g):
         tf_opt.apply_gradients(zip([tf.constant(x) for x in g], variables, strict=True))
-        updates, state = update([jnp.asarray(x) for x in g], state, params)
-        params = kopt.apply_updates(params, updates)
-        chex.assert_trees_all_close(params, [v.numpy() for v in variables], rtol=2e-5, atol=2e-6)
+        return [v.numpy() for v in variables]
+
+    assert_follows_live(opt, arrays(2, SHAPES), arrays(3, SHAPES, STEPS), live_step)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import kopt
+from tests.stepping import assert_follows_live, assert_follows_rule
 
 SHAPES = [(3, 2), (2,)]
 STEPS, HANDOVER = 7, 4
@@ -52,14 +53,7 @@ def test_ema_overwrite_is_the_rule(dtype, every, from_first_step):
         opt = kopt.chain(
             kopt.scale_by_learning_rate(0.1), kopt.ema_overwrite(0.7, every, from_first_step=from_first_step)
         )
-        current = [jnp.asarray(p) for p in params]
-        state = opt.init(current)
-        tolerance = {"rtol": 1e-6, "atol": 1e-7} if dtype == np.float32 else {"rtol": 1e-13, "atol": 1e-14}
-        for t, g in enumerate(grads, start=1):
-            updates, state = opt.update([jnp.asarray(x) for x in g], state, current)
-            current = kopt.apply_updates(current, updates)
-            assert all(leaf.dtype == dtype for leaf in current)
-            chex.assert_trees_all_close(current, expected[t - 1], **tolerance)
+        _, state = assert_follows_rule(opt, params, grads, expected)
         assert int(kopt.iterations(state)) == STEPS
 
 
@@ -91,26 +85,21 @@ def test_tf_keras_use_ema_follows_tensorflow_and_resumes_from_its_variables(case
     opt = kopt.deserialize(json.loads(json.dumps(tf_keras.optimizers.serialize(tf_opt))))
     assert opt.config["use_ema"] and opt.config["ema_overwrite_frequency"] == every
 
-    start, grads = initial(2), gradients(3)
-    variables = [tf.Variable(p) for p in start]
-    params = [jnp.asarray(p) for p in start]
-    state, update = opt.init(params), jax.jit(opt.update)
-    resumed = None
-    for t, g in enumerate(grads, start=1):
+    variables = [tf.Variable(p) for p in initial(2)]
+    handed = {}
+
+    def live_step(g):
         tf_opt.apply_gradients(zip([tf.constant(x) for x in g], variables, strict=True))
-        updates, state = update([jnp.asarray(x) for x in g], state, params)
-        params = kopt.apply_updates(params, updates)
-        expected = [v.numpy() for v in variables]
-        chex.assert_trees_all_close(params, expected, **TOLERANCE)
-        if resumed is not None:
-            r_updates, r_state = update([jnp.asarray(x) for x in g], resumed[1], resumed[0])
-            resumed = (kopt.apply_updates(resumed[0], r_updates), r_state)
-            chex.assert_trees_all_close(resumed[0], expected, **TOLERANCE)
-        if t == HANDOVER:  # TensorFlow's variables: iterations, the averages, then the slots
-            weights = [v.numpy() for v in tf_opt.variables]
-            tf_params = [jnp.asarray(v.numpy()) for v in variables]
-            resumed = (tf_params, kopt.from_keras_weights(opt, tf_params, weights))
-            chex.assert_trees_all_close(kopt.get_slot(resumed[1], "average"), weights[1:3], **TOLERANCE)
+        return [v.numpy() for v in variables]
+
+    def live_weights():
+        handed["weights"] = [v.numpy() for v in tf_opt.variables]
+        return handed["weights"]
+
+    assert_follows_live(opt, initial(2), gradients(3), live_step, handover=HANDOVER, live_weights=live_weights)
+    # TensorFlow's variables: iterations, the averages, then the slots
+    state = kopt.from_keras_weights(opt, [jnp.asarray(p) for p in initial(2)], handed["weights"])
+    chex.assert_trees_all_close(kopt.get_slot(state, "average"), handed["weights"][1:3], **TOLERANCE)
 
 
 @pytest.mark.parametrize("every", [None, 3])

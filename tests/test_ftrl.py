@@ -5,27 +5,16 @@ checked in tests/test_keras3_configs.py."""
 
 import json
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import kopt
+from tests.stepping import arrays, assert_follows_live, assert_follows_rule
 
 SHAPES = [(3, 2), (2,)]
-STEPS, HANDOVER = 6, 3
-TOLERANCE = {"rtol": 2e-5, "atol": 2e-6}
-
-
-def gradients(seed: int, dtype=np.float32) -> list[list[np.ndarray]]:
-    rng = np.random.default_rng(seed)
-    return [[rng.normal(size=s).astype(dtype) for s in SHAPES] for _ in range(STEPS)]
-
-
-def initial(seed: int, dtype=np.float32) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return [rng.normal(size=s).astype(dtype) for s in SHAPES]
+STEPS = 6
 
 
 def numpy_ftrl(params, grads, lr, learning_rate_power, n0, l1, l2, shrinkage, beta):
@@ -54,7 +43,7 @@ def numpy_ftrl(params, grads, lr, learning_rate_power, n0, l1, l2, shrinkage, be
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_ftrl_is_the_rule(dtype, kwargs):
     with jax.enable_x64(dtype == np.float64):
-        params, grads = initial(0, dtype), gradients(1, dtype)
+        params, grads = arrays(0, SHAPES, dtype=dtype), arrays(1, SHAPES, STEPS, dtype)
         arguments = {"learning_rate_power": -0.5, "l1": 0.0, "l2": 0.0, "l2_shrinkage": 0.0, "beta": 0.0, **kwargs}
         expected = numpy_ftrl(
             params,
@@ -67,15 +56,7 @@ def test_ftrl_is_the_rule(dtype, kwargs):
             arguments["l2_shrinkage"],
             arguments["beta"],
         )
-        opt = kopt.ftrl(0.1, **kwargs)
-        current = [jnp.asarray(p) for p in params]
-        state = opt.init(current)
-        tolerance = {"rtol": 2e-6, "atol": 2e-7} if dtype == np.float32 else {"rtol": 1e-12, "atol": 1e-13}
-        for t, g in enumerate(grads, start=1):
-            updates, state = opt.update([jnp.asarray(x) for x in g], state, current)
-            current = kopt.apply_updates(current, updates)
-            assert all(leaf.dtype == dtype for leaf in current)
-            chex.assert_trees_all_close(current, [x.astype(dtype) for x in expected[t - 1]], **tolerance)
+        current, state = assert_follows_rule(kopt.ftrl(0.1, **kwargs), params, grads, expected)
         assert int(kopt.iterations(state)) == STEPS
         if kwargs.get("l1"):
             assert any(np.any(np.asarray(leaf) == 0) for leaf in current)  # l1 has cut some coordinates to 0
@@ -129,23 +110,15 @@ def test_tf_keras_ftrl_follows_tensorflow_and_resumes_from_its_weights(case, leg
     opt = kopt.deserialize(json.loads(json.dumps(tf_keras.optimizers.serialize(tf_opt))))
     assert (opt.class_name, opt.flavor) == ("Ftrl", "tf_keras.legacy" if legacy else "tf_keras")
 
-    start, grads = initial(2), gradients(3)
-    variables = [tf.Variable(p) for p in start]
-    params = [jnp.asarray(p) for p in start]
-    state, update = opt.init(params), jax.jit(opt.update)
-    resumed = None
-    for t, g in enumerate(grads, start=1):
+    variables = [tf.Variable(p) for p in arrays(2, SHAPES)]
+
+    def live_step(g):
         tf_opt.apply_gradients(zip([tf.constant(x) for x in g], variables, strict=True))
-        updates, state = update([jnp.asarray(x) for x in g], state, params)
-        params = kopt.apply_updates(params, updates)
-        expected = [v.numpy() for v in variables]
-        chex.assert_trees_all_close(params, expected, **TOLERANCE)
-        if resumed is not None:
-            r_updates, r_state = update([jnp.asarray(x) for x in g], resumed[1], resumed[0])
-            resumed = (kopt.apply_updates(resumed[0], r_updates), r_state)
-            chex.assert_trees_all_close(resumed[0], expected, **TOLERANCE)
-        if t == HANDOVER:
-            weights = [v.numpy() for v in (tf_opt.weights if legacy else tf_opt.variables)]
-            tf_params = [jnp.asarray(v.numpy()) for v in variables]
-            resumed = (tf_params, kopt.from_keras_weights(opt, tf_params, weights))
-            assert int(kopt.iterations(resumed[1])) == HANDOVER
+        return [v.numpy() for v in variables]
+
+    def live_weights():
+        return [v.numpy() for v in (tf_opt.weights if legacy else tf_opt.variables)]
+
+    assert_follows_live(
+        opt, arrays(2, SHAPES), arrays(3, SHAPES, STEPS), live_step, handover=3, live_weights=live_weights
+    )

@@ -2,13 +2,13 @@
 ``corrected_epsilon=True``, chained as Keras 3's Lamb chains them (float32 and float64). Keras 3's Lamb itself,
 built from its config, is checked against Keras 3 in tests/test_keras3_configs.py."""
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import kopt
+from tests.stepping import assert_follows_rule
 
 SHAPES = [(3, 2), (2,), (4,)]
 STEPS = 5
@@ -43,14 +43,7 @@ def test_lamb_chain_is_the_rule(dtype):
             kopt.scale_by_trust_ratio(),
             kopt.scale_by_learning_rate(0.01),
         )
-        current = [jnp.asarray(p) for p in params]
-        state = opt.init(current)
-        tolerance = {"rtol": 2e-6, "atol": 2e-7} if dtype == np.float32 else {"rtol": 1e-12, "atol": 1e-13}
-        for t, g in enumerate(grads, start=1):
-            updates, state = opt.update([jnp.asarray(x) for x in g], state, current)
-            current = kopt.apply_updates(current, updates)
-            assert all(leaf.dtype == dtype for leaf in current)
-            chex.assert_trees_all_close(current, expected[t - 1], **tolerance)
+        assert_follows_rule(opt, params, grads, expected)
 
 
 def test_trust_ratio_refuses_what_it_cannot_do():

@@ -6,14 +6,14 @@ import json
 
 import chex
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import kopt
+from tests.stepping import arrays, assert_follows_live, assert_follows_rule, rule_tolerance
 
 SHAPES = [(3, 2), (2,), (2, 1), (1,)]  # a Dense(2) -> Dense(1) model's kernels and biases
-STEPS, HANDOVER = 6, 3
+STEPS = 6
 
 
 def gradients(seed: int, dtype=np.float32) -> list[list[np.ndarray]]:
@@ -42,18 +42,12 @@ def test_scale_by_lion_is_the_rule(dtype):
         grads = gradients(0, dtype)
         expected = numpy_lion([p.copy() for p in params], grads, 0.01, 0.8, 0.95)
         opt = kopt.chain(kopt.scale_by_lion(0.8, 0.95), kopt.scale_by_learning_rate(0.01))
-        state, current = opt.init(params), [jnp.asarray(p) for p in params]
-        for step, g in enumerate(grads):
-            updates, state = opt.update([jnp.asarray(x) for x in g], state, current)
-            current = kopt.apply_updates(current, updates)
-            assert all(leaf.dtype == dtype for leaf in current)
-            tolerance = {"rtol": 1e-6, "atol": 1e-7} if dtype == np.float32 else {"rtol": 1e-14, "atol": 1e-15}
-            chex.assert_trees_all_close(current, expected[step], **tolerance)
+        _, state = assert_follows_rule(opt, params, grads, expected)
         # m is beta_2's average of the gradients, as kept by the rule
         m = [np.zeros(s, dtype) for s in SHAPES]
         for g in grads:
             m = [0.95 * a + 0.05 * b for a, b in zip(m, g, strict=True)]
-        chex.assert_trees_all_close(kopt.get_slot(state, "m"), m, **tolerance)
+        chex.assert_trees_all_close(kopt.get_slot(state, "m"), m, **rule_tolerance(dtype))
 
 
 def test_tf_keras_lion_has_no_legacy_class():
@@ -84,27 +78,13 @@ def test_tf_keras_lion_follows_tensorflow_and_resumes_from_its_variables(option)
     opt = kopt.deserialize(json.loads(json.dumps(tf_keras.optimizers.serialize(tf_opt))))
     assert opt.class_name == "Lion" and opt.flavor == "tf_keras"
 
-    rng = np.random.default_rng(1)
-    initial = [rng.normal(size=s).astype(np.float32) for s in SHAPES]
-    grads = gradients(2)
-    variables = [tf.Variable(p) for p in initial]
-    params, state = [jnp.asarray(p) for p in initial], opt.init([jnp.asarray(p) for p in initial])
-    update = jax.jit(opt.update)
-    resumed = None
-    for step, g in enumerate(grads, start=1):
+    variables = [tf.Variable(p) for p in arrays(1, SHAPES)]
+
+    def live_step(g):
         tf_opt.apply_gradients(zip([tf.constant(x) for x in g], variables, strict=True))
-        updates, state = update([jnp.asarray(x) for x in g], state, params)
-        params = kopt.apply_updates(params, updates)
-        if resumed is not None:  # kopt from TensorFlow's variables after the handover step
-            r_params, r_state = resumed
-            r_updates, r_state = update([jnp.asarray(x) for x in g], r_state, r_params)
-            resumed = (kopt.apply_updates(r_params, r_updates), r_state)
-        expected = [v.numpy() for v in variables]
-        chex.assert_trees_all_close(params, expected, rtol=2e-5, atol=2e-6)
-        if resumed is not None:
-            chex.assert_trees_all_close(resumed[0], expected, rtol=2e-5, atol=2e-6)
-        if step == HANDOVER:
-            weights = [v.numpy() for v in tf_opt.variables]
-            tf_params = [jnp.asarray(v.numpy()) for v in variables]
-            resumed = (tf_params, kopt.from_keras_weights(opt, tf_params, weights))
-            assert int(kopt.iterations(resumed[1])) == HANDOVER
+        return [v.numpy() for v in variables]
+
+    def live_weights():
+        return [v.numpy() for v in tf_opt.variables]
+
+    assert_follows_live(opt, arrays(1, SHAPES), gradients(2), live_step, handover=3, live_weights=live_weights)
