@@ -85,6 +85,7 @@ from kopt.transforms import (
     scale_by_nadam,
     scale_by_rms,
     scale_by_trust_ratio,
+    schedule_free_adam,
     trace,
 )
 from kopt.tree import rounded_once
@@ -718,8 +719,29 @@ def _lamb(
     return _optimizer("Lamb", config, options, scaling, per_leaf=True)
 
 
+def _schedule_free_adamw(
+    learning_rate: Any = 0.0025,
+    beta_1: float = 0.9,
+    beta_2: float = 0.999,
+    epsilon: float = 1e-8,
+    warmup_steps: int = 0,
+    **options: Any,
+) -> Optimizer:
+    """Keras 3's ScheduleFreeAdamW (tf_keras has none): :func:`kopt.schedule_free_adam`, the learning rate
+    inside. ``weight_decay`` is refused (Keras decays the variable before the rule reads it)."""
+    options = _current_only("ScheduleFreeAdamW", options)
+    learning_rate, options = _options("ScheduleFreeAdamW", learning_rate, options)
+    config = {"learning_rate": learning_rate, "beta_1": beta_1, "beta_2": beta_2, "epsilon": epsilon}
+    config["warmup_steps"] = warmup_steps
+
+    def step(rate: LearningRate) -> GradientTransformation:
+        return schedule_free_adam(rate, beta_1, beta_2, epsilon, warmup_steps)
+
+    return _optimizer("ScheduleFreeAdamW", config, options, [], step=step)
+
+
 #: Optimizers Keras 3 has and tf_keras has not, built with the same machinery (for Keras 3 configs).
-KERAS3_ONLY: dict[str, Callable[..., Optimizer]] = {"Lamb": _lamb}
+KERAS3_ONLY: dict[str, Callable[..., Optimizer]] = {"Lamb": _lamb, "ScheduleFreeAdamW": _schedule_free_adamw}
 
 #: TensorFlow's optimizers by class name.
 OPTIMIZERS: dict[str, Callable[..., Optimizer]] = {

@@ -658,6 +658,88 @@ def scale_by_adafactor(
     return GradientTransformation(init, update)
 
 
+# --------------------------------------------------------------------------- schedule-free AdamW
+
+
+class ScheduleFreeAdamState(NamedTuple):
+    inner_state: ScaleByLearningRateState  # the learning rate's: step count, lr, current_lr
+    z: Updates  # the SGD-like sequence, from the initial params (Keras 3's "momentum")
+    v: Updates  # the second moment (Keras 3's "velocity")
+    hyperparams: HyperParams
+
+
+def _schedule_free_array(g, p, z, v, lr, t, beta_1, beta_2, epsilon):
+    v = v + (abs_sq(g) - v) * (1 - beta_2)
+    z_old, z = z, z - lr * g / (jnp.sqrt(v / (1 - beta_2**t)) + epsilon)
+    x_old = (p - (1 - beta_1) * z_old) / beta_1  # the average, recovered from the params y and z
+    x = (1 - 1 / t) * x_old + z / t
+    return (1 - beta_1) * z + beta_1 * x - p, p, z, v
+
+
+def schedule_free_adam(
+    learning_rate: float | Schedule = 0.0025,
+    beta_1: float = 0.9,
+    beta_2: float = 0.999,
+    epsilon: float = 1e-8,
+    warmup_steps: int = 0,
+    state_dtype: Any = None,
+) -> GradientTransformation:
+    """Schedule-free Adam (Defazio et al. 2024) as Keras 3's ``ScheduleFreeAdamW`` has it; the params are the
+    interpolation ``y`` the gradients are taken at, the learning rate is inside.
+
+    At step ``t`` (from 1), with ``lr_t = lr_i * min(t / warmup_steps, 1)``
+    (no warm-up when ``warmup_steps=0``), ``z`` starting at the params and ``v``
+    at 0::
+
+        v <- v + (g**2 - v) * (1 - beta_2)
+        z' = z - lr_t * g / (sqrt(v / (1 - beta_2**t)) + epsilon)
+        x  = (y - (1 - beta_1) * z) / beta_1                # the average so far
+        x' = (1 - 1/t) * x + z' / t
+        y' = (1 - beta_1) * z' + beta_1 * x'                # the new params
+
+    The update is ``y' - y``. Evaluate at ``x`` (``(y - (1 - beta_1) * z) / beta_1``)
+    for the schedule-free average. Needs the params. Defaults
+    ``0.0025, 0.9, 0.999, 1e-8, 0``.
+
+    Example:
+        >>> import jax.numpy as jnp, kopt
+        >>> opt = kopt.schedule_free_adam(0.1)
+        >>> params = jnp.array([1.0])
+        >>> updates, state = opt.update(jnp.array([0.5]), opt.init(params), params)
+        >>> round(float(params[0] + updates[0]), 4)  # at t = 1 the average and y jump to z, which moved by lr
+        0.9
+    """
+    values = _checked(beta_1=beta_1, beta_2=beta_2, epsilon=epsilon)
+    warmup_steps = int(check_hyperparam("warmup_steps", warmup_steps))
+    state_dtype = check_state_dtype(state_dtype)
+    rate = scale_by_learning_rate(learning_rate)
+
+    def init(params):
+        zeros = zeros_slots(params, state_dtype)
+        z = jax.tree.map(lambda zero, p: (zero + p).astype(zero.dtype), zeros, params)
+        return ScheduleFreeAdamState(
+            rate.init(params), z, zeros_slots(params, state_dtype, real=True), init_hyperparams(values, params)
+        )
+
+    @expects(ScheduleFreeAdamState)
+    def update(updates, state, params=None, **extra_args):
+        del extra_args
+        if params is None:
+            raise ValueError("schedule_free_adam needs the params: call update(updates, state, params)")
+        hp = current_hyperparams(state.hyperparams, values)
+        current = state.inner_state.hyperparams["current_lr"]
+        minus_lr, rate_state = rate.update(jnp.ones((), current.dtype), state.inner_state)
+        t = _step_number(state.inner_state.count, current.dtype)
+        lr = -minus_lr * (jnp.minimum(t / warmup_steps, 1.0) if warmup_steps > 0 else 1.0)
+        coefficients = (lr, t, hp["beta_1"], hp["beta_2"], hp["epsilon"])
+        updates, _, z, v = map_arrays(
+            lambda g, p, z, v: _schedule_free_array(g, p, z, v, *coefficients), updates, params, state.z, state.v
+        )
+        return updates, ScheduleFreeAdamState(rate_state, z, v, hp)
+
+    return GradientTransformation(init, update)
+
+
 # --------------------------------------------------------------------------- FTRL
 
 
