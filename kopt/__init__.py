@@ -28,7 +28,7 @@ from kopt.schedules import (
     piecewise_constant,
     polynomial_decay,
 )
-from kopt.serialization import deserialize, get, serialize
+from kopt.serialization import deserialize, get, keras_variable_path, serialize
 from kopt.sharding import init_shardings, state_shardings
 from kopt.state import get_hyperparams, get_slot, iterations, set_hyperparams, set_slot, slot_names
 from kopt.training import train_step
@@ -145,6 +145,7 @@ __all__ = [
     "get",
     "serialize",
     "deserialize",
+    "keras_variable_path",
     "tf_keras",
     # state access
     "get_hyperparams",

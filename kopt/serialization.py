@@ -16,15 +16,18 @@ building an optimizer from one never runs code.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
 from kopt import schedules, tf_keras
 from kopt.averaging import ema_overwrite
 from kopt.base import GradientTransformation, OptState, chain
 from kopt.file_safety import MAX_DEPTH, MESSAGE_LIMIT, clip, shorten
+from kopt.groups import partition
 from kopt.optimizers import SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, Nadam, Optimizer, RMSprop
 from kopt.state import get_hyperparams
 from kopt.transforms import unscale_loss
@@ -335,6 +338,8 @@ def deserialize(config: Mapping[str, Any], *, flavor: str | None = None) -> Opti
         )
     if config["class_name"].removeprefix("Custom>") in LOSS_SCALE_CLASSES and isinstance(arguments, Mapping):
         return _loss_scale_optimizer(config["class_name"].removeprefix("Custom>"), arguments)
+    if config["class_name"] == "MultiOptimizer" and isinstance(arguments, Mapping):
+        return _multi_optimizer(arguments)
     flavor = config_flavor(config) if flavor is None else flavor
     if flavor not in (*tf_keras.FLAVORS, KERAS3):
         raise ValueError(
@@ -458,6 +463,100 @@ def _loss_scale_optimizer(class_name: str, arguments: Mapping[str, Any]) -> Opti
         count_skipped=not keras3,
     )
     return Optimizer(transform, class_name, dict(arguments), inner.flavor)
+
+
+def keras_variable_path(path: Sequence[Any]) -> str:
+    """The Keras variable path of a pytree leaf's key path: its keys joined by ``/``.
+
+    ``{"net": {"head": {"kernel": w}}}`` holds the Keras variable ``net/head/kernel``;
+    a list index is its number (``blocks/0/kernel``); an attribute (Equinox, a
+    dataclass) its name; a Flax NNX ``Variable``'s own ``value`` key is dropped
+    (``linear/kernel``), as is Flax Linen's top ``params`` collection.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, kopt
+        >>> params = {"params": {"dense": {"kernel": jnp.zeros(2)}}, "blocks": [jnp.zeros(1)]}
+        >>> [kopt.keras_variable_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+        ['blocks/0', 'dense/kernel']
+    """
+    parts = []
+    for key in path:
+        for attribute in ("key", "name", "idx"):  # DictKey, GetAttrKey, SequenceKey / FlattenedIndexKey
+            if hasattr(key, attribute):
+                parts.append(str(getattr(key, attribute)))
+                break
+        else:
+            parts.append(str(key))
+    if parts and parts[-1] == "value":
+        parts = parts[:-1]
+    if parts and parts[0] == "params":
+        parts = parts[1:]
+    return "/".join(parts)
+
+
+#: A pattern of a MultiOptimizer's map is matched against every param's path: it may come from a stranger's
+#: config, so patterns are bounded and a quantified group holding a quantifier (catastrophic backtracking,
+#: e.g. ``(a+)+``) is refused.
+MAX_PATTERN_LENGTH = 256
+_NESTED_QUANTIFIER = re.compile(r"\([^)]*[+*}][^)]*\)\s*[+*{]")
+
+
+def _multi_optimizer(arguments: Mapping[str, Any]) -> Optimizer:
+    """Keras 3's MultiOptimizer: each param goes to the optimizer whose pattern its Keras variable path
+    (:func:`keras_variable_path`) fully matches (a key equal to the path first), else to the default;
+    :func:`kopt.partition` does the rest. As in Keras, the MultiOptimizer's ``loss_scale_factor`` replaces
+    its members' own."""
+    allowed = ("optimizer_map", "loss_scale_factor", "name")
+    unknown = [key for key in arguments if key not in allowed]
+    mapping = arguments.get("optimizer_map")
+    inner = mapping.get("config") if isinstance(mapping, Mapping) else None
+    if unknown or not isinstance(inner, Mapping) or not isinstance(inner.get("default_optimizer"), Mapping):
+        raise ValueError(
+            "Keras 3's MultiOptimizer config needs 'optimizer_map' (an OptimizerMap config with "
+            f"'default_optimizer'){f'; kopt cannot honour {unknown}' if unknown else ''}; its keys are "
+            f"{', '.join(allowed)} (a callable selector is code: it is never read)"
+        )
+    patterns = inner.get("optimizer_map") or {}
+    for pattern in patterns:
+        if len(pattern) > MAX_PATTERN_LENGTH or _NESTED_QUANTIFIER.search(pattern):
+            raise ValueError(
+                f"MultiOptimizer pattern {shorten(pattern)} refused: at most {MAX_PATTERN_LENGTH} characters and "
+                "no quantified group holding a quantifier (it could take exponential time to match)"
+            )
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise ValueError(
+                f"MultiOptimizer pattern {shorten(pattern)} is not a regular expression: {error}"
+            ) from None
+
+    def member(config: Any) -> Optimizer:
+        if not isinstance(config, Mapping) or config.get("class_name") in ("MultiOptimizer", *LOSS_SCALE_CLASSES):
+            raise ValueError(f"a MultiOptimizer member must be an optimizer config, not {shorten(config, 80)}")
+        arguments = dict(config.get("config") or {})
+        if "loss_scale_factor" in arguments:  # Keras sets the MultiOptimizer's on every member
+            arguments["loss_scale_factor"] = None
+        return deserialize({**config, "config": arguments})
+
+    members = [member(inner["default_optimizer"]), *(member(config) for config in patterns.values())]
+    names = list(patterns)
+
+    def label(path: Any) -> int:
+        key = keras_variable_path(path)
+        if key in patterns:
+            return names.index(key) + 1
+        found = [index + 1 for index, pattern in enumerate(names) if re.fullmatch(pattern, key)]
+        if len(found) > 1:
+            raise ValueError(f"MultiOptimizer: param {key!r} matches several patterns: {[names[i - 1] for i in found]}")
+        return found[0] if found else 0
+
+    def labels(params: Any) -> Any:
+        return jax.tree_util.tree_map_with_path(lambda path, _: label(path), params)
+
+    transform: GradientTransformation = partition(dict(enumerate(members)), labels)
+    if arguments.get("loss_scale_factor") is not None:
+        transform = chain(unscale_loss(arguments["loss_scale_factor"]), transform)
+    return Optimizer(transform, "MultiOptimizer", dict(arguments), KERAS3)
 
 
 def get(identifier: str | Mapping[str, Any] | GradientTransformation) -> GradientTransformation:

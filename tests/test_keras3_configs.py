@@ -156,3 +156,58 @@ def test_keras3_optimizers_without_counterpart_are_named(name):
     config = keras.optimizers.serialize(getattr(keras.optimizers, name)())
     with pytest.raises(ValueError, match=rf"Keras 3 optimizer '{name}' .*keras >= 3.* no kopt counterpart yet"):
         kopt.deserialize(config)
+
+
+def test_multi_optimizer_follows_keras3():
+    """Keras 3's MultiOptimizer from its config: params go to members by their Keras variable paths
+    (``{"dense": {"kernel": w}}`` is ``dense/kernel``), an exact key before the patterns, the rest to the
+    default; each member follows its own Keras 3 trajectory, and the config is written back."""
+    variables = {"dense/kernel": (3, 4), "dense/bias": (4,), "head/kernel": (4, 2)}
+    mapping = keras.optimizers.OptimizerMap(default_optimizer=keras.optimizers.SGD(0.1, momentum=0.5))
+    mapping["dense/.*"] = keras.optimizers.Adam(0.01, clipnorm=0.5)
+    mapping["head/kernel"] = keras.optimizers.Lion(0.01)
+    k_opt = keras.optimizers.MultiOptimizer(mapping)
+    config = keras.optimizers.serialize(k_opt)
+    opt = kopt.deserialize(config)
+    assert kopt.serialize(opt) == json.loads(json.dumps(config))
+
+    rng = np.random.default_rng(7)
+    start = {path: rng.normal(size=shape).astype(np.float32) for path, shape in variables.items()}
+    dense, head = keras.layers.Dense(4, name="dense"), keras.layers.Dense(2, use_bias=False, name="head")
+    dense.build((None, 3))
+    head.build((None, 4))
+    k_vars = [dense.kernel, dense.bias, head.kernel]
+    assert [v.path for v in k_vars] == ["dense/kernel", "dense/bias", "head/kernel"]
+    for var, value in zip(k_vars, start.values(), strict=True):
+        var.assign(value)
+    k_opt.build(k_vars)
+    params = {
+        "dense": {"kernel": start["dense/kernel"], "bias": start["dense/bias"]},
+        "head": {"kernel": start["head/kernel"]},
+    }
+    params = jax.tree.map(jnp.asarray, params)
+    state = opt.init(params)
+    assert sorted(int(k) for k in state.inner_states) == [0, 1, 2]
+    for _ in range(5):
+        grads = {path: rng.normal(size=shape).astype(np.float32) for path, shape in variables.items()}
+        k_opt.apply([keras.ops.convert_to_tensor(grads[path]) for path in start], k_vars)
+        tree = {
+            "dense": {"kernel": grads["dense/kernel"], "bias": grads["dense/bias"]},
+            "head": {"kernel": grads["head/kernel"]},
+        }
+        updates, state = opt.update(jax.tree.map(jnp.asarray, tree), state, params)
+        params = kopt.apply_updates(params, updates)
+        got = {f"{layer}/{name}": value for layer, inner in params.items() for name, value in inner.items()}
+        for var, path in zip(k_vars, start, strict=True):
+            np.testing.assert_allclose(got[path], np.asarray(var.value), rtol=2e-5, atol=2e-6, err_msg=path)
+
+
+def test_multi_optimizer_refuses_dangerous_patterns():
+    config = keras.optimizers.serialize(
+        keras.optimizers.MultiOptimizer(keras.optimizers.OptimizerMap(default_optimizer=keras.optimizers.SGD()))
+    )
+    config["config"]["optimizer_map"]["config"]["optimizer_map"] = {
+        "(a+)+": config["config"]["optimizer_map"]["config"]["default_optimizer"]
+    }
+    with pytest.raises(ValueError, match="exponential time"):
+        kopt.deserialize(config)
