@@ -32,7 +32,7 @@ from kopt.optimizers import SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, Nadam, 
 from kopt.state import get_hyperparams
 from kopt.transforms import unscale_loss
 from kopt.validation import check_bool, check_count, check_hyperparam
-from kopt.wrappers import dynamic_loss_scale
+from kopt.wrappers import accumulate, dynamic_loss_scale
 
 #: The optimizers ``get``/``deserialize`` know, by lower-case name.
 OPTIMIZERS = {c.__name__.lower(): c for c in (SGD, RMSprop, Adagrad, Adadelta, Adam, Adamax, Nadam, AdamW)}
@@ -191,10 +191,6 @@ _CURRENT_KEYS = ("weight_decay", "use_ema", "jit_compile", "ema_momentum")
 KERAS3 = "keras3"
 MODULE_KERAS3 = "keras.optimizers"
 _KERAS3_KEYS = ("loss_scale_factor", "gradient_accumulation_steps")
-_KERAS3_REFUSED = {
-    "gradient_accumulation_steps": "Keras 3 averages the gradients of that many steps before each update and "
-    "counts every call as a step of the learning rate and of the bias corrections",
-}
 
 
 def config_flavor(config: Mapping[str, Any]) -> str:
@@ -400,12 +396,6 @@ def _keras3(class_name: str, arguments: Mapping[str, Any]) -> Optimizer:
             f"Keras 3 optimizer {shorten(class_name)} (a keras.optimizers config, keras >= 3) has no kopt "
             f"counterpart yet; kopt builds Keras 3's {', '.join(every)}, LossScaleOptimizer"
         )
-    for key, reason in _KERAS3_REFUSED.items():
-        if arguments.get(key) is not None:
-            raise ValueError(
-                f"Keras 3's {shorten(class_name)} config (keras.optimizers, keras >= 3) sets {key}="
-                f"{shorten(arguments[key])}: kopt cannot honour {key} yet ({reason}); only {key}=None loads"
-            )
     own = (*_KERAS3_KEYS, "use_ema", "ema_momentum", "ema_overwrite_frequency")
     options = {key: value for key, value in arguments.items() if key not in own}
     try:
@@ -415,13 +405,15 @@ def _keras3(class_name: str, arguments: Mapping[str, Any]) -> Optimizer:
     members: list[GradientTransformation] = []
     if arguments.get("loss_scale_factor") is not None:
         members.append(unscale_loss(arguments["loss_scale_factor"]))
-    members.append(base)
+    steps = arguments.get("gradient_accumulation_steps")
+    # Keras 3 averages the gradients of `steps` calls and steps once; its iterations count the steps taken.
+    members.append(base if steps is None else accumulate(base, check_count("gradient_accumulation_steps", steps)))
     if check_bool("use_ema", arguments.get("use_ema", False)):
         momentum = check_hyperparam("ema_momentum", arguments.get("ema_momentum", 0.99))
         every = arguments.get("ema_overwrite_frequency")
         every = None if every is None or every == 0 else check_count("ema_overwrite_frequency", every)
         members.append(ema_overwrite(momentum, every, from_first_step=True))
-    transform = base if len(members) == 1 else chain(*members)
+    transform = members[0] if len(members) == 1 else chain(*members)
     return Optimizer(transform, base.class_name, dict(arguments), KERAS3)
 
 

@@ -63,6 +63,12 @@ def skip_nonfinite(inner: GradientTransformation, max_consecutive: int | None = 
     return GradientTransformation(init, update)
 
 
+def _held(inner_state: OptState, counted: bool) -> OptState:
+    """``inner_state`` kept through a step ``inner`` did not take; with ``counted``, its step counters still
+    advance (Keras counts such a step for the learning rate's schedule and the bias corrections)."""
+    return set_slot(inner_state, "count", iterations(inner_state) + 1) if counted else inner_state
+
+
 class DynamicLossScaleState(NamedTuple):
     inner_state: OptState
     loss_scale: jax.Array  # what to multiply the next step's loss by (float32)
@@ -137,11 +143,8 @@ def dynamic_loss_scale(
         grown = jnp.where(jnp.isfinite(doubled), doubled, scale)
         new_scale = jnp.where(finite, jnp.where(grow, grown, scale), jnp.maximum(scale * 0.5, min_scale))
         zeros = jax.tree.map(jnp.zeros_like, new_updates)
-        kept = state.inner_state
-        if count_skipped:
-            kept = set_slot(kept, "count", iterations(kept) + 1)
         return select(finite, new_updates, zeros), DynamicLossScaleState(
-            select(finite, new_inner, kept),
+            select(finite, new_inner, _held(state.inner_state, count_skipped)),
             new_scale.astype(scale.dtype),
             jnp.where(finite & ~grow, state.good_steps + 1, 0).astype(jnp.int32),
         )
@@ -163,7 +166,8 @@ def accumulate(inner: GradientTransformation, every_k: int) -> GradientTransform
     equals one step on the mean gradient of the ``k`` micro-batches. The sums
     are kept in the slot dtype (at least float32). ``inner`` is evaluated on
     every call (its result discarded in between), so the program has no
-    control flow on traced values.
+    control flow on traced values. This is Keras 3's
+    ``gradient_accumulation_steps`` (its ``iterations`` count the updates).
 
     Example:
         >>> import kopt
