@@ -332,6 +332,7 @@ def _optimizer(
     momentum: GradientTransformation | None = None,
     step: Callable[[LearningRate], GradientTransformation] = scale_by_learning_rate,
     per_leaf: bool = False,
+    decays_inside: bool = False,
 ) -> Optimizer:
     """``[clipping], scaling, [weight decay], learning rate, [momentum]`` labelled with its TensorFlow config.
 
@@ -339,6 +340,8 @@ def _optimizer(
     velocity holds lr-scaled steps, as TensorFlow's does. ``step`` makes the
     learning rate's transform from the rate (FTRL takes the rate inside its rule).
     ``per_leaf``: the scaling's math is per variable (Lamb's trust ratio), so leaves stay apart.
+    ``decays_inside``: ``step`` applies ``weight_decay`` itself, to the variables its rule reads (FTRL,
+    Adafactor, schedule-free AdamW hold the rate, so they can decay as TensorFlow does, before reading).
     """
     legacy = options["is_legacy_optimizer"]
     packed = options.pop("packed", None)
@@ -351,12 +354,12 @@ def _optimizer(
                 f"{class_name}(weight_decay=..., momentum > 0) cannot be honoured: TensorFlow decays the variable "
                 "outside the momentum, which this chain cannot express; use momentum=0 or kopt.add_decayed_weights"
             )
-        if step is not scale_by_learning_rate or per_leaf:
+        if not decays_inside and (step is not scale_by_learning_rate or per_leaf):
             raise ValueError(
                 f"{class_name}(weight_decay=...) cannot be honoured: TensorFlow decays the variable before its rule "
                 "reads it, which this chain cannot express"
             )
-        decay = [add_decayed_weights(weight_decay)]
+        decay = [] if decays_inside else [add_decayed_weights(weight_decay)]
     velocity = [momentum] if momentum else []
     # use_ema: the moving average of the new variables, which every ema_overwrite_frequency steps (0: never)
     # replaces them; last, so that it sees the whole step.
@@ -637,8 +640,8 @@ def Ftrl(
     accumulated squared gradients ``n`` and linear term ``z``, with L1 (sparsity), L2, L2 shrinkage and ``beta``.
 
     Defaults ``learning_rate=0.001, learning_rate_power=-0.5, initial_accumulator_value=0.1``, the
-    regularization strengths and ``beta`` 0. ``weight_decay`` is refused (TensorFlow decays the variable before
-    the rule reads it).
+    regularization strengths and ``beta`` 0. ``weight_decay`` decays the variable before the rule reads it,
+    as TensorFlow does.
 
     Example:
         >>> import kopt
@@ -664,9 +667,10 @@ def Ftrl(
             l2_regularization_strength,
             l2_shrinkage_regularization_strength,
             beta,
+            weight_decay=options.get("weight_decay") or 0.0,
         )
 
-    return _optimizer("Ftrl", config, options, [], step=step)
+    return _optimizer("Ftrl", config, options, [], step=step, decays_inside=True)
 
 
 def Adafactor(
@@ -684,7 +688,7 @@ def Adafactor(
     Defaults ``learning_rate=0.001, beta_2_decay=-0.8, epsilon_1=1e-30, epsilon_2=1e-3, clip_threshold=1.0,
     relative_step=True`` (kept in the config; it changes nothing in Keras' rule beyond the step size's
     ``min(lr, 1/sqrt(t))``, which applies anyway). Leaves stay apart (the rule is per variable);
-    ``weight_decay`` is refused (TensorFlow decays the variable before the rule reads its RMS). Its weights
+    ``weight_decay`` decays the variable before the rule reads its RMS, as TensorFlow does. Its weights
     (``r`` and ``c`` exist only for variables of 2 or more dimensions) are not read or written yet.
 
     Example:
@@ -702,9 +706,10 @@ def Adafactor(
     }
 
     def step(rate: LearningRate) -> GradientTransformation:
-        return scale_by_adafactor(rate, beta_2_decay, epsilon_1, epsilon_2, clip_threshold)
+        decay = options.get("weight_decay") or 0.0
+        return scale_by_adafactor(rate, beta_2_decay, epsilon_1, epsilon_2, clip_threshold, weight_decay=decay)
 
-    return _optimizer("Adafactor", config, options, [], step=step, per_leaf=True)
+    return _optimizer("Adafactor", config, options, [], step=step, per_leaf=True, decays_inside=True)
 
 
 def _lamb(
@@ -728,16 +733,17 @@ def _schedule_free_adamw(
     **options: Any,
 ) -> Optimizer:
     """Keras 3's ScheduleFreeAdamW (tf_keras has none): :func:`kopt.schedule_free_adam`, the learning rate
-    inside. ``weight_decay`` is refused (Keras decays the variable before the rule reads it)."""
+    inside. ``weight_decay`` decays the variable before the rule reads it, as Keras does."""
     options = _current_only("ScheduleFreeAdamW", options)
     learning_rate, options = _options("ScheduleFreeAdamW", learning_rate, options)
     config = {"learning_rate": learning_rate, "beta_1": beta_1, "beta_2": beta_2, "epsilon": epsilon}
     config["warmup_steps"] = warmup_steps
 
     def step(rate: LearningRate) -> GradientTransformation:
-        return schedule_free_adam(rate, beta_1, beta_2, epsilon, warmup_steps)
+        decay = options.get("weight_decay") or 0.0
+        return schedule_free_adam(rate, beta_1, beta_2, epsilon, warmup_steps, weight_decay=decay)
 
-    return _optimizer("ScheduleFreeAdamW", config, options, [], step=step)
+    return _optimizer("ScheduleFreeAdamW", config, options, [], step=step, decays_inside=True)
 
 
 #: Optimizers Keras 3 has and tf_keras has not, built with the same machinery (for Keras 3 configs).

@@ -560,6 +560,19 @@ def scale_by_trust_ratio() -> GradientTransformation:
     return GradientTransformation(init, update)
 
 
+# --------------------------------------------------------------------------- rules that read the params
+
+
+def _decayed(params, weight_decay, lr):
+    """Keras' weight decay, applied to the variables before a rule that reads them: ``p - p * wd * lr``."""
+    return jax.tree.map(lambda p: p - p * (weight_decay * lr).astype(p.dtype), params)
+
+
+def _through_decay(updates, decayed, params):
+    """A rule's updates of the ``decayed`` params, as updates of the params: the decay's step added."""
+    return jax.tree.map(lambda u, d, p: (u + (d - p)).astype(u.dtype), updates, decayed, params)
+
+
 # --------------------------------------------------------------------------- Adafactor
 
 
@@ -600,6 +613,7 @@ def scale_by_adafactor(
     epsilon_2: float = 1e-3,
     clip_threshold: float = 1.0,
     state_dtype: Any = None,
+    weight_decay: float = 0.0,
 ) -> GradientTransformation:
     """Adafactor (Shazeer & Stern 2018) as Keras has it (Keras 3 and tf_keras): a factored second moment,
     a relative step size and update clipping. The learning rate is inside: chain nothing that rescales after.
@@ -611,8 +625,9 @@ def scale_by_adafactor(
     Then ``u = g / sqrt(v)``, clipped to ``u / max(1, rms(u) / clip_threshold)``,
     and the update is ``-max(epsilon_2, rms(p)) * min(lr_i, 1/sqrt(t)) * u``
     (Keras' ``relative_step`` changes nothing beyond that ``min``). Its math is
-    per array: it refuses the packed layout. Needs the params. Defaults
-    ``0.001, -0.8, 1e-30, 1e-3, 1.0``.
+    per array: it refuses the packed layout. Needs the params. ``weight_decay``
+    is Keras': ``p <- p - p * weight_decay * lr_i`` before the rule reads ``p``.
+    Defaults ``0.001, -0.8, 1e-30, 1e-3, 1.0, None, 0``.
 
     Example:
         >>> import jax.numpy as jnp, kopt
@@ -623,7 +638,11 @@ def scale_by_adafactor(
         [-0.01]
     """
     values = _checked(
-        beta_2_decay=beta_2_decay, epsilon_1=epsilon_1, epsilon_2=epsilon_2, clip_threshold=clip_threshold
+        beta_2_decay=beta_2_decay,
+        epsilon_1=epsilon_1,
+        epsilon_2=epsilon_2,
+        clip_threshold=clip_threshold,
+        weight_decay=weight_decay,
     )
     state_dtype = check_state_dtype(state_dtype)
     rate = scale_by_learning_rate(learning_rate)
@@ -648,10 +667,12 @@ def scale_by_adafactor(
         lr = state.inner_state.hyperparams["current_lr"]
         minus_lr, rate_state = rate.update(jnp.ones((), lr.dtype), state.inner_state)
         t = _step_number(state.inner_state.count, lr.dtype)
+        decayed = _decayed(params, hp["weight_decay"], -minus_lr)
         leaves, treedef = jax.tree.flatten(updates)
-        slots = [treedef.flatten_up_to(tree) for tree in (params, state.r, state.c, state.v)]
+        slots = [treedef.flatten_up_to(tree) for tree in (decayed, state.r, state.c, state.v)]
         results = [_adafactor_array(g, *others, -minus_lr, t, hp) for g, *others in zip(leaves, *slots, strict=True)]
         new_updates = treedef.unflatten([u.astype(g.dtype) for (u, *_), g in zip(results, leaves, strict=True)])
+        new_updates = _through_decay(new_updates, decayed, params)
         r, c, v = (treedef.unflatten([result[k] for result in results]) for k in (1, 2, 3))
         return new_updates, ScaleByAdafactorState(rate_state, r, c, v, hp)
 
@@ -683,6 +704,7 @@ def schedule_free_adam(
     epsilon: float = 1e-8,
     warmup_steps: int = 0,
     state_dtype: Any = None,
+    weight_decay: float = 0.0,
 ) -> GradientTransformation:
     """Schedule-free Adam (Defazio et al. 2024) as Keras 3's ``ScheduleFreeAdamW`` has it; the params are the
     interpolation ``y`` the gradients are taken at, the learning rate is inside.
@@ -698,8 +720,9 @@ def schedule_free_adam(
         y' = (1 - beta_1) * z' + beta_1 * x'                # the new params
 
     The update is ``y' - y``. Evaluate at ``x`` (``(y - (1 - beta_1) * z) / beta_1``)
-    for the schedule-free average. Needs the params. Defaults
-    ``0.0025, 0.9, 0.999, 1e-8, 0``.
+    for the schedule-free average. Needs the params. ``weight_decay`` is
+    Keras': ``y <- y - y * weight_decay * lr_i`` (no warm-up) before the rule
+    reads ``y``. Defaults ``0.0025, 0.9, 0.999, 1e-8, 0, None, 0``.
 
     Example:
         >>> import jax.numpy as jnp, kopt
@@ -709,7 +732,7 @@ def schedule_free_adam(
         >>> round(float(params[0] + updates[0]), 4)  # at t = 1 the average and y jump to z, which moved by lr
         0.9
     """
-    values = _checked(beta_1=beta_1, beta_2=beta_2, epsilon=epsilon)
+    values = _checked(beta_1=beta_1, beta_2=beta_2, epsilon=epsilon, weight_decay=weight_decay)
     warmup_steps = int(check_hyperparam("warmup_steps", warmup_steps))
     state_dtype = check_state_dtype(state_dtype)
     rate = scale_by_learning_rate(learning_rate)
@@ -732,9 +755,11 @@ def schedule_free_adam(
         t = _step_number(state.inner_state.count, current.dtype)
         lr = -minus_lr * (jnp.minimum(t / warmup_steps, 1.0) if warmup_steps > 0 else 1.0)
         coefficients = (lr, t, hp["beta_1"], hp["beta_2"], hp["epsilon"])
+        decayed = _decayed(params, hp["weight_decay"], -minus_lr)
         updates, _, z, v = map_arrays(
-            lambda g, p, z, v: _schedule_free_array(g, p, z, v, *coefficients), updates, params, state.z, state.v
+            lambda g, p, z, v: _schedule_free_array(g, p, z, v, *coefficients), updates, decayed, state.z, state.v
         )
+        updates = _through_decay(updates, decayed, params)
         return updates, ScheduleFreeAdamState(rate_state, z, v, hp)
 
     return GradientTransformation(init, update)
@@ -768,6 +793,7 @@ def ftrl(
     l2_shrinkage: float = 0.0,
     beta: float = 0.0,
     state_dtype: Any = None,
+    weight_decay: float = 0.0,
 ) -> GradientTransformation:
     """FTRL-Proximal (McMahan et al. 2013) as Keras has it (tf_keras' ``Ftrl``, both generations, and Keras 3's).
 
@@ -781,8 +807,9 @@ def ftrl(
     The update is that new ``p`` minus the old one, so the learning rate is
     inside (a number or a :class:`~kopt.Schedule`, held in the state as
     :func:`scale_by_learning_rate` holds it): chain clipping before it, and
-    nothing that rescales its output after it. Needs the params. Defaults
-    ``0.001, -0.5, 0.1, 0, 0, 0, 0``.
+    nothing that rescales its output after it. Needs the params.
+    ``weight_decay`` is Keras': ``p <- p - p * weight_decay * lr_i`` before the
+    rule reads ``p``. Defaults ``0.001, -0.5, 0.1, 0, 0, 0, 0, None, 0``.
 
     Example:
         >>> import jax.numpy as jnp, kopt
@@ -798,6 +825,7 @@ def ftrl(
         l2=l2,
         l2_shrinkage=l2_shrinkage,
         beta=beta,
+        weight_decay=weight_decay,
     )
     initial = check_hyperparam("initial_accumulator_value", initial_accumulator_value)
     state_dtype = check_state_dtype(state_dtype)
@@ -820,9 +848,11 @@ def ftrl(
             jnp.ones((), state.inner_state.hyperparams["current_lr"].dtype), state.inner_state
         )
         coefficients = (-minus_lr, hp["learning_rate_power"], hp["l1"], hp["l2"], hp["l2_shrinkage"], hp["beta"])
+        decayed = _decayed(params, hp["weight_decay"], -minus_lr)
         updates, _, accumulator, linear = map_arrays(
-            lambda g, p, n, z: _ftrl_array(g, p, n, z, *coefficients), updates, params, state.accumulator, state.linear
+            lambda g, p, n, z: _ftrl_array(g, p, n, z, *coefficients), updates, decayed, state.accumulator, state.linear
         )
+        updates = _through_decay(updates, decayed, params)
         return updates, FtrlState(rate_state, accumulator, linear, hp)
 
     return GradientTransformation(init, update)

@@ -72,11 +72,6 @@ def test_ftrl_learning_rate_is_a_hyperparameter():
         opt.update(params, state)
 
 
-def test_tf_keras_ftrl_refuses_weight_decay():
-    with pytest.raises(ValueError, match=r"Ftrl\(weight_decay=\.\.\.\) cannot be honoured"):
-        kopt.tf_keras.Ftrl(weight_decay=0.1, is_legacy_optimizer=False)
-
-
 def _schedule(tf_keras):
     return tf_keras.optimizers.schedules.ExponentialDecay(0.1, decay_steps=2, decay_rate=0.5)
 
@@ -91,6 +86,7 @@ TF_CASES = {
     "schedule": (None, {"learning_rate": "schedule"}),
     "legacy decay": (True, {"decay": 0.1}),
     "use_ema": (False, {"use_ema": True, "ema_momentum": 0.8, "ema_overwrite_frequency": 2}),
+    "weight_decay": (False, {"weight_decay": 0.05, "l2_shrinkage_regularization_strength": 0.02}),
 }
 
 

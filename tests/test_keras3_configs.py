@@ -62,15 +62,12 @@ OPTIONS = {
 }
 
 
-#: What kopt still refuses, as it does in TF >= 2.11's configs: the weight decay of an optimizer with momentum
-#: (Keras decays the variable outside the momentum) or of FTRL (Keras decays the variable its rule reads).
+#: What kopt still refuses: the weight decay of an optimizer with momentum (Keras decays the variable outside the
+#: momentum) or of Lamb (Keras decays the variable whose norm the trust ratio reads).
 REFUSED = {
     ("SGD", "weight_decay"): r"weight_decay=\.\.\., momentum > 0",
     ("RMSprop", "weight_decay"): r"weight_decay=\.\.\., momentum > 0",
-    ("Ftrl", "weight_decay"): r"Ftrl\(weight_decay=\.\.\.\) cannot be honoured",
     ("Lamb", "weight_decay"): r"Lamb\(weight_decay=\.\.\.\) cannot be honoured",
-    ("Adafactor", "weight_decay"): r"Adafactor\(weight_decay=\.\.\.\) cannot be honoured",
-    ("ScheduleFreeAdamW", "weight_decay"): r"ScheduleFreeAdamW\(weight_decay=\.\.\.\) cannot be honoured",
 }
 
 
