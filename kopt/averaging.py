@@ -9,13 +9,8 @@ import jax.numpy as jnp
 
 from kopt.base import GradientTransformation, OptState, Params, Updates, accepted_extra_args, expects
 from kopt.state import current_hyperparams, init_hyperparams
-from kopt.tree import map_arrays, slot_dtype
+from kopt.tree import map_arrays, needs_params, slot_dtype
 from kopt.validation import check_bool, check_count, check_hyperparam
-
-
-def _needs_params(params: Params | None, who: str) -> None:
-    if params is None:
-        raise ValueError(f"{who} needs the params: call update(updates, state, params)")
 
 
 def _copy_params(params: Params) -> Params:
@@ -60,7 +55,7 @@ def lookahead(
 
     @expects(LookaheadState)
     def update(updates: Updates, state: LookaheadState, params: Params | None = None, **extra_args):
-        _needs_params(params, "lookahead")
+        needs_params(params, "lookahead")
         updates, inner_state = inner.update(updates, state.inner_state, params, **keep(extra_args))
         sync = state.step_in_period + 1 == sync_period
         hp = current_hyperparams(state.hyperparams, values)
@@ -103,7 +98,7 @@ def ema_params(decay: float = 0.999) -> GradientTransformation:
     @expects(EmaParamsState)
     def update(updates: Updates, state: EmaParamsState, params: Params | None = None, **extra_args):
         del extra_args
-        _needs_params(params, "ema_params")
+        needs_params(params, "ema_params")
         hp = current_hyperparams(state.hyperparams, values)
         decay = hp["ema_decay"]
         updates, _, ema = map_arrays(
@@ -156,7 +151,7 @@ def ema_overwrite(
     @expects(EmaOverwriteState)
     def update(updates: Updates, state: EmaOverwriteState, params: Params | None = None, **extra_args):
         del extra_args
-        _needs_params(params, "ema_overwrite")
+        needs_params(params, "ema_overwrite")
         hp = current_hyperparams(state.hyperparams, values)
         momentum = hp["ema_momentum"]
         if from_first_step:

@@ -434,6 +434,8 @@ def _loss_scale_optimizer(class_name: str, arguments: Mapping[str, Any]) -> Opti
     inner_config = arguments.get("inner_optimizer")
     if not isinstance(inner_config, Mapping):
         raise ValueError(f"{class_name} config needs 'inner_optimizer', a config dict; got {shorten(inner_config)}")
+    if inner_config.get("class_name") in ("MultiOptimizer", *LOSS_SCALE_CLASSES):  # Keras refuses them too
+        raise ValueError(f"{class_name}'s inner_optimizer cannot be a {shorten(inner_config.get('class_name'))}")
     inner = deserialize(inner_config)
     keras3 = inner.flavor == KERAS3
     family = "Keras 3 (keras >= 3)" if keras3 else "tf_keras"
@@ -509,6 +511,10 @@ def _multi_optimizer(arguments: Mapping[str, Any]) -> Optimizer:
             f"{', '.join(allowed)} (a callable selector is code: it is never read)"
         )
     patterns = inner.get("optimizer_map") or {}
+    if not isinstance(patterns, Mapping):
+        raise ValueError(
+            f"MultiOptimizer's OptimizerMap 'optimizer_map' must map patterns to configs, got {shorten(patterns)}"
+        )
     for pattern in patterns:
         if len(pattern) > MAX_PATTERN_LENGTH or _NESTED_QUANTIFIER.search(pattern):
             raise ValueError(

@@ -33,7 +33,7 @@ from kopt.groups import masked
 from kopt.packing import refuse_packed
 from kopt.schedules import Schedule, constant_schedule
 from kopt.state import current_hyperparams, init_hyperparams
-from kopt.tree import abs_sq, hyperparam_dtype, map_arrays, zeros_slots
+from kopt.tree import abs_sq, hyperparam_dtype, map_arrays, needs_params, zeros_slots
 from kopt.validation import check_bool, check_hyperparam, check_state_dtype
 
 HyperParams = dict[str, jax.Array]
@@ -552,8 +552,7 @@ def scale_by_trust_ratio() -> GradientTransformation:
     def update(updates, state, params=None, **extra_args):
         del extra_args
         refuse_packed("scale_by_trust_ratio", updates)
-        if params is None:
-            raise ValueError("scale_by_trust_ratio needs the params: call update(updates, state, params)")
+        needs_params(params, "scale_by_trust_ratio")
         updates, _ = map_arrays(_trust_ratio_array, updates, params)
         return updates, state
 
@@ -561,6 +560,14 @@ def scale_by_trust_ratio() -> GradientTransformation:
 
 
 # --------------------------------------------------------------------------- rules that read the params
+
+
+def _rate_now(rate: GradientTransformation, state: ScaleByLearningRateState) -> tuple[jax.Array, jax.Array, Any]:
+    """``(lr_i, t, next state)`` of a rule that holds its learning rate as :func:`scale_by_learning_rate`
+    does: that transform applied to a 1 gives ``-lr_i``; ``t`` is the step number (from 1)."""
+    dtype = state.hyperparams["current_lr"].dtype
+    minus_lr, next_state = rate.update(jnp.ones((), dtype), state)
+    return -minus_lr, _step_number(state.count, dtype), next_state
 
 
 def _decayed(params, weight_decay, lr):
@@ -661,16 +668,13 @@ def scale_by_adafactor(
     def update(updates, state, params=None, **extra_args):
         del extra_args
         refuse_packed("scale_by_adafactor", updates)
-        if params is None:
-            raise ValueError("scale_by_adafactor needs the params: call update(updates, state, params)")
+        needs_params(params, "scale_by_adafactor")
         hp = current_hyperparams(state.hyperparams, values)
-        lr = state.inner_state.hyperparams["current_lr"]
-        minus_lr, rate_state = rate.update(jnp.ones((), lr.dtype), state.inner_state)
-        t = _step_number(state.inner_state.count, lr.dtype)
-        decayed = _decayed(params, hp["weight_decay"], -minus_lr)
+        lr, t, rate_state = _rate_now(rate, state.inner_state)
+        decayed = _decayed(params, hp["weight_decay"], lr)
         leaves, treedef = jax.tree.flatten(updates)
         slots = [treedef.flatten_up_to(tree) for tree in (decayed, state.r, state.c, state.v)]
-        results = [_adafactor_array(g, *others, -minus_lr, t, hp) for g, *others in zip(leaves, *slots, strict=True)]
+        results = [_adafactor_array(g, *others, lr, t, hp) for g, *others in zip(leaves, *slots, strict=True)]
         new_updates = treedef.unflatten([u.astype(g.dtype) for (u, *_), g in zip(results, leaves, strict=True)])
         new_updates = _through_decay(new_updates, decayed, params)
         r, c, v = (treedef.unflatten([result[k] for result in results]) for k in (1, 2, 3))
@@ -747,15 +751,12 @@ def schedule_free_adam(
     @expects(ScheduleFreeAdamState)
     def update(updates, state, params=None, **extra_args):
         del extra_args
-        if params is None:
-            raise ValueError("schedule_free_adam needs the params: call update(updates, state, params)")
+        needs_params(params, "schedule_free_adam")
         hp = current_hyperparams(state.hyperparams, values)
-        current = state.inner_state.hyperparams["current_lr"]
-        minus_lr, rate_state = rate.update(jnp.ones((), current.dtype), state.inner_state)
-        t = _step_number(state.inner_state.count, current.dtype)
-        lr = -minus_lr * (jnp.minimum(t / warmup_steps, 1.0) if warmup_steps > 0 else 1.0)
-        coefficients = (lr, t, hp["beta_1"], hp["beta_2"], hp["epsilon"])
-        decayed = _decayed(params, hp["weight_decay"], -minus_lr)
+        lr, t, rate_state = _rate_now(rate, state.inner_state)
+        warmed = lr * (jnp.minimum(t / warmup_steps, 1.0) if warmup_steps > 0 else 1.0)
+        coefficients = (warmed, t, hp["beta_1"], hp["beta_2"], hp["epsilon"])
+        decayed = _decayed(params, hp["weight_decay"], lr)  # Keras decays with the rate before its warm-up
         updates, _, z, v = map_arrays(
             lambda g, p, z, v: _schedule_free_array(g, p, z, v, *coefficients), updates, decayed, state.z, state.v
         )
@@ -840,15 +841,11 @@ def ftrl(
     @expects(FtrlState)
     def update(updates, state, params=None, **extra_args):
         del extra_args
-        if params is None:
-            raise ValueError("ftrl needs the params: call update(updates, state, params)")
+        needs_params(params, "ftrl")
         hp = current_hyperparams(state.hyperparams, values)
-        # The learning rate's own transform, applied to a 1, gives -lr_i and its next state.
-        minus_lr, rate_state = rate.update(
-            jnp.ones((), state.inner_state.hyperparams["current_lr"].dtype), state.inner_state
-        )
-        coefficients = (-minus_lr, hp["learning_rate_power"], hp["l1"], hp["l2"], hp["l2_shrinkage"], hp["beta"])
-        decayed = _decayed(params, hp["weight_decay"], -minus_lr)
+        lr, _, rate_state = _rate_now(rate, state.inner_state)
+        coefficients = (lr, hp["learning_rate_power"], hp["l1"], hp["l2"], hp["l2_shrinkage"], hp["beta"])
+        decayed = _decayed(params, hp["weight_decay"], lr)
         updates, _, accumulator, linear = map_arrays(
             lambda g, p, n, z: _ftrl_array(g, p, n, z, *coefficients), updates, decayed, state.accumulator, state.linear
         )
@@ -996,8 +993,7 @@ def _add_decayed_weights(rate: float) -> GradientTransformation:
     @expects(AddDecayedWeightsState)
     def update(updates, state, params=None, **extra_args):
         del extra_args
-        if params is None:
-            raise ValueError("add_decayed_weights needs the params: call update(updates, state, params)")
+        needs_params(params, "add_decayed_weights")
         hp = current_hyperparams(state.hyperparams, values)
         weight_decay = hp["weight_decay"]
         updates, _ = map_arrays(lambda g, p: (g + weight_decay * p, p), updates, params)

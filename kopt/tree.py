@@ -63,6 +63,12 @@ def _what(leaf: Any) -> str:
     return f"has dtype {leaf.dtype}" if hasattr(leaf, "dtype") else f"is of type {type(leaf).__name__}"
 
 
+def needs_params(params: Params | None, who: str) -> None:
+    """A ``ValueError`` naming ``who`` when an update that reads the params was not given them."""
+    if params is None:
+        raise ValueError(f"{who} needs the params: call update(updates, state, params)")
+
+
 def check_params(params: Params) -> list[jnp.dtype]:
     """The dtype of every leaf of ``params``, or a ``TypeError`` naming the first leaf that is
     not a floating-point or complex array (Python floats count as one).

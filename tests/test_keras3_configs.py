@@ -10,6 +10,7 @@ counterpart for yet, and the weight decay of an optimizer with momentum or of FT
 divides them by the factor, as kopt's ``unscale_loss`` does), and ``kopt.serialize`` writes the config back.
 """
 
+import copy
 import json
 
 import chex
@@ -211,3 +212,36 @@ def test_multi_optimizer_refuses_dangerous_patterns():
     }
     with pytest.raises(ValueError, match="exponential time"):
         kopt.deserialize(config)
+
+
+def test_hostile_multi_and_loss_scale_configs_are_refused_by_name():
+    """Configs from a file, edited: every bad part is a ValueError naming it, before anything is built."""
+    base = keras.optimizers.serialize(
+        keras.optimizers.MultiOptimizer(keras.optimizers.OptimizerMap(default_optimizer=keras.optimizers.SGD()))
+    )
+    default = base["config"]["optimizer_map"]["config"]["default_optimizer"]
+
+    def multi(patterns):
+        config = copy.deepcopy(base)
+        config["config"]["optimizer_map"]["config"]["optimizer_map"] = patterns
+        return config
+
+    cases = [
+        (multi({"a" * 300: default}), "at most 256 characters"),
+        (multi({"(": default}), "not a regular expression"),
+        (multi([default]), "must map patterns to configs"),
+        (multi({"x": base}), "member must be an optimizer config"),
+        ({**base, "config": {**base["config"], "callable": "os.system"}}, "cannot honour \\['callable'\\]"),
+    ]
+    lso = keras.optimizers.serialize(keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD()))
+    cases += [
+        (
+            {**lso, "config": {**lso["config"], "inner_optimizer": lso}},
+            "inner_optimizer cannot be a 'LossScaleOptimizer'",
+        ),
+        ({**lso, "config": {**lso["config"], "inner_optimizer": "sgd"}}, "needs 'inner_optimizer', a config dict"),
+        ({**lso, "config": {**lso["config"], "dynamic": False}}, "cannot honour 'dynamic'"),
+    ]
+    for config, message in cases:
+        with pytest.raises(ValueError, match=message):
+            kopt.deserialize(config)
