@@ -15,6 +15,7 @@ from kopt.groups import MaskedState, PartitionState, masked, partition
 from kopt.keras_files import KerasFileError, load_keras_optimizer
 from kopt.keras_weights import from_keras_weights, to_keras_weights
 from kopt.optimizers import SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, Nadam, Optimizer, RMSprop
+from kopt.orthogonal import OrthogonalizeByNewtonSchulzState, orthogonalize_by_newton_schulz
 from kopt.packing import PackedArrays, PackedState, packed
 from kopt.plateau import ReduceOnPlateauState, reduce_on_plateau
 from kopt.schedules import (
@@ -102,6 +103,7 @@ __all__ = [
     "scale_by_adam",
     "scale_by_adamax",
     "scale_by_lion",
+    "orthogonalize_by_newton_schulz",
     "ftrl",
     "unscale_loss",
     "dynamic_loss_scale",
@@ -186,6 +188,7 @@ __all__ = [
     "UnscaleLossState",
     "DynamicLossScaleState",
     "ScaleByTrustRatioState",
+    "OrthogonalizeByNewtonSchulzState",
     "ScaleByAdafactorState",
     "ScheduleFreeAdamState",
     "MaskedState",
