@@ -6,7 +6,7 @@ imported on first use and left out of ``__all__``: Keras is an optional extra,
 and ``from kopt import *`` must not need it.
 """
 
-from kopt import tf_keras
+from kopt import keras, tf_keras
 from kopt.averaging import EmaOverwriteState, EmaParamsState, LookaheadState, ema_overwrite, ema_params, lookahead
 from kopt.base import EmptyState, GradientTransformation, apply_updates, chain, identity
 from kopt.checkpoint import CheckpointCorruptedError, load_state, read_checkpoint_header, save_state
@@ -149,6 +149,7 @@ __all__ = [
     "deserialize",
     "keras_variable_path",
     "tf_keras",
+    "keras",
     # state access
     "get_hyperparams",
     "set_hyperparams",

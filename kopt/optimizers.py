@@ -88,9 +88,7 @@ class Optimizer(GradientTransformation):
 
     def __repr__(self) -> str:
         arguments = ", ".join(f"{key}={value!r}" for key, value in self.config.items())
-        if self.flavor == "keras3":  # built from a Keras 3 config, with kopt.tf_keras's rule of that name
-            return f"<Keras 3 {self.class_name}({arguments}), kopt.tf_keras.{self.class_name}'s rule>"
-        namespace = "kopt" if self.flavor == "keras" else "kopt.tf_keras"
+        namespace = {"keras": "kopt", "keras3": "kopt.keras"}.get(self.flavor, "kopt.tf_keras")
         return f"{namespace}.{self.class_name}({arguments})"
 
 

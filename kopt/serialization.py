@@ -20,19 +20,15 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import jax
 import numpy as np
 
 from kopt import schedules, tf_keras
-from kopt.averaging import ema_overwrite
-from kopt.base import GradientTransformation, OptState, chain
+from kopt.base import GradientTransformation, OptState
 from kopt.file_safety import MAX_DEPTH, MESSAGE_LIMIT, clip, shorten
-from kopt.groups import partition
 from kopt.optimizers import SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, Nadam, Optimizer, RMSprop
 from kopt.state import get_hyperparams
-from kopt.transforms import unscale_loss
-from kopt.validation import check_bool, check_count, check_hyperparam
-from kopt.wrappers import accumulate, dynamic_loss_scale
+from kopt.validation import check_bool, check_count
+from kopt.wrappers import dynamic_loss_scale
 
 #: The optimizers ``get``/``deserialize`` know, by lower-case name.
 OPTIMIZERS = {c.__name__.lower(): c for c in (SGD, RMSprop, Adagrad, Adadelta, Adam, Adamax, Nadam, AdamW)}
@@ -384,37 +380,20 @@ def _build(config: Mapping[str, Any], arguments: Any, flavor: str) -> Optimizer 
 
 
 def _keras3(class_name: str, arguments: Mapping[str, Any]) -> Optimizer:
-    """A Keras 3 config of an optimizer tf_keras also has: the same update rules, options and numbers as
-    ``kopt.tf_keras``'s (checked against Keras 3 step by step in tests/test_keras3_configs.py), with Keras 3's
-    own options around it: ``loss_scale_factor`` unscales the gradients first, ``use_ema`` keeps Keras 3's
-    moving average (from the first step's weights) last. Labelled ``"keras3"``: it serializes back to the
-    Keras 3 config it came from."""
-    every = {**tf_keras.OPTIMIZERS, **tf_keras.KERAS3_ONLY}
-    known = {name.lower(): constructor for name, constructor in every.items()}
+    """A Keras 3 config: the :mod:`kopt.keras` optimizer of that class, from the config's keys alone."""
+    from kopt import keras  # kopt.keras's MultiOptimizer reads variable paths with this module's helper
+
+    known = {name.lower(): constructor for name, constructor in keras.OPTIMIZERS.items()}
     if class_name.lower() not in known:
         raise ValueError(
             f"Keras 3 optimizer {shorten(class_name)} (a keras.optimizers config, keras >= 3) has no kopt "
-            f"counterpart yet; kopt builds Keras 3's {', '.join(every)}, LossScaleOptimizer"
+            f"counterpart yet; kopt builds Keras 3's {', '.join(keras.OPTIMIZERS)}, LossScaleOptimizer, "
+            "MultiOptimizer"
         )
-    own = (*_KERAS3_KEYS, "use_ema", "ema_momentum", "ema_overwrite_frequency")
-    options = {key: value for key, value in arguments.items() if key not in own}
     try:
-        base = known[class_name.lower()](**options, is_legacy_optimizer=False)
+        return known[class_name.lower()](**arguments)
     except TypeError as error:  # an unknown key
         raise ValueError(clip(f"Keras 3's {class_name} config: {error}", MESSAGE_LIMIT)) from None
-    members: list[GradientTransformation] = []
-    if arguments.get("loss_scale_factor") is not None:
-        members.append(unscale_loss(arguments["loss_scale_factor"]))
-    steps = arguments.get("gradient_accumulation_steps")
-    # Keras 3 averages the gradients of `steps` calls and steps once; its iterations count the steps taken.
-    members.append(base if steps is None else accumulate(base, check_count("gradient_accumulation_steps", steps)))
-    if check_bool("use_ema", arguments.get("use_ema", False)):
-        momentum = check_hyperparam("ema_momentum", arguments.get("ema_momentum", 0.99))
-        every = arguments.get("ema_overwrite_frequency")
-        every = None if every is None or every == 0 else check_count("ema_overwrite_frequency", every)
-        members.append(ema_overwrite(momentum, every, from_first_step=True))
-    transform = members[0] if len(members) == 1 else chain(*members)
-    return Optimizer(transform, base.class_name, dict(arguments), KERAS3)
 
 
 #: The class names of Keras' loss-scale optimizers: Keras 3's and tf_keras' legacy one, then TF >= 2.11's.
@@ -446,15 +425,15 @@ def _loss_scale_optimizer(class_name: str, arguments: Mapping[str, Any]) -> Opti
             f"{family}'s {class_name} config: kopt cannot honour {', '.join(map(repr, unknown))}; "
             f"its keys are {', '.join(allowed)}"
         )
+    if keras3:
+        from kopt import keras
+
+        return keras.LossScaleOptimizer(inner, **{k: v for k, v in arguments.items() if k != "inner_optimizer"})
     dynamic = check_bool("dynamic", arguments.get("dynamic", True))
     growth = check_count("dynamic_growth_steps", arguments.get("dynamic_growth_steps", 2000)) if dynamic else None
+    # tf_keras' apply_gradients takes unscaled gradients, floors the scale at 1 and counts skipped steps
     transform = dynamic_loss_scale(
-        inner,
-        arguments.get("initial_scale", 2.0**15),
-        growth,
-        unscale=keras3,
-        min_scale=0.0 if keras3 else 1.0,
-        count_skipped=not keras3,
+        inner, arguments.get("initial_scale", 2.0**15), growth, unscale=False, min_scale=1.0, count_skipped=True
     )
     return Optimizer(transform, class_name, dict(arguments), inner.flavor)
 
@@ -495,11 +474,28 @@ MAX_PATTERN_LENGTH = 256
 _NESTED_QUANTIFIER = re.compile(r"\([^)]*[+*}][^)]*\)\s*[+*{]")
 
 
+def check_pattern(pattern: Any, what: str) -> str:
+    """``pattern``, a regular expression to match variable paths with, or a ``ValueError`` naming ``what``: a
+    string of at most :data:`MAX_PATTERN_LENGTH` characters without a quantified group holding a quantifier
+    (such a pattern could take exponential time to match, and patterns come from files)."""
+    if not isinstance(pattern, str):
+        raise ValueError(f"{what} must be a string (a regular expression), got {shorten(pattern)}")
+    if len(pattern) > MAX_PATTERN_LENGTH or _NESTED_QUANTIFIER.search(pattern):
+        raise ValueError(
+            f"{what} {shorten(pattern)} refused: at most {MAX_PATTERN_LENGTH} characters and "
+            "no quantified group holding a quantifier (it could take exponential time to match)"
+        )
+    try:
+        re.compile(pattern)
+    except re.error as error:
+        raise ValueError(f"{what} {shorten(pattern)} is not a regular expression: {error}") from None
+    return pattern
+
+
 def _multi_optimizer(arguments: Mapping[str, Any]) -> Optimizer:
-    """Keras 3's MultiOptimizer: each param goes to the optimizer whose pattern its Keras variable path
-    (:func:`keras_variable_path`) fully matches (a key equal to the path first), else to the default;
-    :func:`kopt.partition` does the rest. As in Keras, the MultiOptimizer's ``loss_scale_factor`` replaces
-    its members' own."""
+    """Keras 3's MultiOptimizer config: its members' configs built, then :func:`kopt.keras.MultiOptimizer`."""
+    from kopt import keras
+
     allowed = ("optimizer_map", "loss_scale_factor", "name")
     unknown = [key for key in arguments if key not in allowed]
     mapping = arguments.get("optimizer_map")
@@ -515,18 +511,8 @@ def _multi_optimizer(arguments: Mapping[str, Any]) -> Optimizer:
         raise ValueError(
             f"MultiOptimizer's OptimizerMap 'optimizer_map' must map patterns to configs, got {shorten(patterns)}"
         )
-    for pattern in patterns:
-        if len(pattern) > MAX_PATTERN_LENGTH or _NESTED_QUANTIFIER.search(pattern):
-            raise ValueError(
-                f"MultiOptimizer pattern {shorten(pattern)} refused: at most {MAX_PATTERN_LENGTH} characters and "
-                "no quantified group holding a quantifier (it could take exponential time to match)"
-            )
-        try:
-            re.compile(pattern)
-        except re.error as error:
-            raise ValueError(
-                f"MultiOptimizer pattern {shorten(pattern)} is not a regular expression: {error}"
-            ) from None
+    for pattern in patterns:  # before any member is built
+        check_pattern(pattern, "MultiOptimizer pattern")
 
     def member(config: Any) -> Optimizer:
         if not isinstance(config, Mapping) or config.get("class_name") in ("MultiOptimizer", *LOSS_SCALE_CLASSES):
@@ -536,25 +522,10 @@ def _multi_optimizer(arguments: Mapping[str, Any]) -> Optimizer:
             arguments["loss_scale_factor"] = None
         return deserialize({**config, "config": arguments})
 
-    members = [member(inner["default_optimizer"]), *(member(config) for config in patterns.values())]
-    names = list(patterns)
-
-    def label(path: Any) -> int:
-        key = keras_variable_path(path)
-        if key in patterns:
-            return names.index(key) + 1
-        found = [index + 1 for index, pattern in enumerate(names) if re.fullmatch(pattern, key)]
-        if len(found) > 1:
-            raise ValueError(f"MultiOptimizer: param {key!r} matches several patterns: {[names[i - 1] for i in found]}")
-        return found[0] if found else 0
-
-    def labels(params: Any) -> Any:
-        return jax.tree_util.tree_map_with_path(lambda path, _: label(path), params)
-
-    transform: GradientTransformation = partition(dict(enumerate(members)), labels)
-    if arguments.get("loss_scale_factor") is not None:
-        transform = chain(unscale_loss(arguments["loss_scale_factor"]), transform)
-    return Optimizer(transform, "MultiOptimizer", dict(arguments), KERAS3)
+    optimizer_map = keras.OptimizerMap(
+        member(inner["default_optimizer"]), {pattern: member(config) for pattern, config in patterns.items()}
+    )
+    return keras.MultiOptimizer(optimizer_map, arguments.get("loss_scale_factor"), arguments.get("name"))
 
 
 def get(identifier: str | Mapping[str, Any] | GradientTransformation) -> GradientTransformation:

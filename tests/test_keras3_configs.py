@@ -5,13 +5,15 @@ TF >= 2.11, with each of its common options, is built in Keras 3, serialized, an
 ``kopt.deserialize`` from the dict alone; both then take the same gradients, and the params must agree at
 every step within ``2e-6 + 2e-5 |keras|`` (float32). Keras 3's own keys are refused, naming the key and
 the Keras, when they are not at their no-op ``None``, and so are Keras 3 optimizers kopt has no
-counterpart for yet, and the weight decay of an optimizer with momentum or of FTRL (:data:`REFUSED`).
+counterpart for yet (:data:`REFUSED` lists any option kopt still refuses).
 ``use_ema`` and ``loss_scale_factor`` are honoured (the test gives both the same unscaled gradients: Keras 3
 divides them by the factor, as kopt's ``unscale_loss`` does), and ``kopt.serialize`` writes the config back.
 """
 
 import copy
+import inspect
 import json
+import re
 
 import chex
 import jax
@@ -63,13 +65,9 @@ OPTIONS = {
 }
 
 
-#: What kopt still refuses: the weight decay of an optimizer with momentum (Keras decays the variable outside the
-#: momentum) or of Lamb (Keras decays the variable whose norm the trust ratio reads).
-REFUSED = {
-    ("SGD", "weight_decay"): r"weight_decay=\.\.\., momentum > 0",
-    ("RMSprop", "weight_decay"): r"weight_decay=\.\.\., momentum > 0",
-    ("Lamb", "weight_decay"): r"Lamb\(weight_decay=\.\.\.\) cannot be honoured",
-}
+#: What kopt still refuses, by (optimizer, option), with the message's pattern: nothing now (the weight decay of
+#: SGD and RMSprop with momentum, and of Lamb, is honoured: tests/test_weight_decay.py).
+REFUSED: dict[tuple[str, str], str] = {}
 
 
 def inputs(seed: int) -> tuple[dict, list[dict]]:
@@ -245,3 +243,43 @@ def test_hostile_multi_and_loss_scale_configs_are_refused_by_name():
     for config, message in cases:
         with pytest.raises(ValueError, match=message):
             kopt.deserialize(config)
+
+
+@pytest.mark.parametrize("name", sorted(kopt.keras.OPTIMIZERS))
+def test_namespace_has_keras3_signature_defaults_and_config(name):
+    """``kopt.keras.X`` takes every argument of ``keras.optimizers.X`` with Keras 3's default, and its
+    defaults serialize to the dict Keras 3's defaults do (the learning rate as Keras holds it, in float32;
+    Keras numbers a second optimizer's name, ``adam_1``)."""
+    ours, theirs = getattr(kopt.keras, name), getattr(keras.optimizers, name)
+    ours_parameters = inspect.signature(ours).parameters
+    for parameter in list(inspect.signature(theirs.__init__).parameters.values())[1:]:
+        if parameter.kind is parameter.VAR_KEYWORD:
+            continue
+        assert parameter.name in ours_parameters, parameter.name
+        assert ours_parameters[parameter.name].default == parameter.default, parameter.name
+    expected = json.loads(json.dumps(keras.optimizers.serialize(theirs())))
+    got = kopt.serialize(ours())
+    expected["config"]["name"] = re.sub(r"_\d+$", "", expected["config"]["name"])
+    assert got["config"]["learning_rate"] == pytest.approx(expected["config"].pop("learning_rate"), rel=1e-7)
+    got["config"].pop("learning_rate")
+    assert got == expected
+
+
+def test_namespace_refuses_two_clips_as_keras3_does():
+    with pytest.raises(ValueError, match="Only one of"):
+        keras.optimizers.Adam(clipnorm=1.0, clipvalue=0.5)
+    with pytest.raises(ValueError, match=r"at most one of clipnorm, clipvalue and global_clipnorm"):
+        kopt.keras.Adam(clipnorm=1.0, clipvalue=0.5)
+
+
+def test_namespace_wrappers_serialize_as_keras3_reads_them():
+    """LossScaleOptimizer and MultiOptimizer built in kopt.keras are read back by Keras 3 itself."""
+    lso = kopt.keras.LossScaleOptimizer(kopt.keras.Adam(0.01), initial_scale=64.0)
+    back = keras.optimizers.deserialize(kopt.serialize(lso))
+    assert isinstance(back, keras.optimizers.LossScaleOptimizer)
+    assert float(back.initial_scale) == 64.0
+    multi = kopt.keras.MultiOptimizer(kopt.keras.OptimizerMap(kopt.keras.SGD(), {"head/.*": kopt.keras.Lion()}))
+    back = keras.optimizers.deserialize(kopt.serialize(multi))
+    assert isinstance(back, keras.optimizers.MultiOptimizer)
+    with pytest.raises(ValueError, match="must be a Keras 3 optimizer"):
+        kopt.keras.LossScaleOptimizer(kopt.tf_keras.Adam())
