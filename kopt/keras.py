@@ -48,17 +48,22 @@ scaled gradients, and ``MultiOptimizer``.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 
 from kopt import tf_keras
 from kopt.averaging import ema_overwrite
-from kopt.base import GradientTransformation, chain
+from kopt.base import GradientTransformation, chain, expects
+from kopt.file_safety import shorten
 from kopt.groups import partition
 from kopt.optimizers import Optimizer
-from kopt.transforms import unscale_loss
+from kopt.orthogonal import orthogonalize_by_newton_schulz
+from kopt.state import current_hyperparams, init_hyperparams
+from kopt.transforms import add_decayed_weights, scale_by_adam, trace, unscale_loss
+from kopt.tree import map_arrays, needs_params
 from kopt.validation import check_bool, check_count, check_hyperparam
 from kopt.wrappers import accumulate, dynamic_loss_scale
 
@@ -79,6 +84,9 @@ __all__ = [
     "LossScaleOptimizer",
     "OptimizerMap",
     "MultiOptimizer",
+    "Muon",
+    "muon_labels",
+    "MuonAdamShareState",
 ]
 
 #: The flavor of the optimizers built here (``Optimizer.flavor``, ``kopt.serialize(..., flavor=)``).
@@ -654,3 +662,177 @@ _WRAPPERS = ("LossScaleOptimizer", "MultiOptimizer")
 #: Keras 3's optimizers by class name (what a Keras 3 config may name).
 _CLASSES = (SGD, RMSprop, Adagrad, Adadelta, Adam, AdamW, Adamax, Nadam, Ftrl, Adafactor, Lion, Lamb, ScheduleFreeAdamW)
 OPTIMIZERS: dict[str, Callable[..., Optimizer]] = {f.__name__: f for f in _CLASSES}
+
+
+# --------------------------------------------------------------------------- Muon
+
+
+class MuonAdamShareState(NamedTuple):
+    """``adam_lr_ratio`` and (unless off) ``adam_weight_decay``, Keras 3's config names."""
+
+    hyperparams: dict[str, jax.Array]
+
+
+def _adam_share(adam_lr_ratio: float, adam_weight_decay: float | None) -> GradientTransformation:
+    """Muon's AdamW leaves, before the shared learning rate: ``u <- adam_lr_ratio * u + adam_weight_decay * p``.
+    Keras 3 steps them at ``adam_lr_ratio`` times the rate but decays them at the rate itself."""
+    values = {"adam_lr_ratio": check_hyperparam("adam_lr_ratio", adam_lr_ratio)}
+    if adam_weight_decay is not None:  # None: Keras 3 skips the decay
+        values["adam_weight_decay"] = check_hyperparam("adam_weight_decay", adam_weight_decay)
+
+    def init(params):
+        return MuonAdamShareState(init_hyperparams(values, params))
+
+    @expects(MuonAdamShareState)
+    def update(updates, state, params=None, **extra_args):
+        del extra_args
+        hp = current_hyperparams(state.hyperparams, values)
+        if "adam_weight_decay" not in values:
+            (updates,) = map_arrays(lambda u: (hp["adam_lr_ratio"] * u,), updates)
+            return updates, MuonAdamShareState(hp)
+        needs_params(params, "Muon(adam_weight_decay=...)")
+        share = (hp["adam_lr_ratio"], hp["adam_weight_decay"])
+        updates, _ = map_arrays(lambda u, p: (share[0] * u + share[1] * p, p), updates, params)
+        return updates, MuonAdamShareState(hp)
+
+    return GradientTransformation(init, update)
+
+
+def muon_labels(exclude_layers: Sequence[str] = (), exclude_embeddings: bool = True) -> Callable[[Any], Any]:
+    """Keras 3 Muon's choice, as a function ``params -> labels`` for :func:`kopt.partition`: ``"muon"`` for a
+    leaf of exactly 2 dimensions whose Keras variable path (:func:`kopt.keras_variable_path`, keys joined by
+    ``/``) contains no ``"embedding"`` (any case; only with ``exclude_embeddings``) and in which no pattern of
+    ``exclude_layers`` is found (``re.search``, case-sensitive); ``"adamw"`` for every other leaf.
+
+    Keras' embedding rule is a substring test on the path, and so is kopt's: Keras' ``Embedding`` layers hold
+    ``<layer>/embeddings`` and Flax's ``nn.Embed`` an ``embedding`` leaf, so both are caught whatever the layer
+    is called; an embedding table stored under another name (Equinox's ``Embedding.weight`` in a field
+    ``embed``) is not: name it ``embedding...`` or give its path in ``exclude_layers``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, kopt
+        >>> params = {"embedding": {"embeddings": jnp.zeros((9, 4))}, "dense": {"kernel": jnp.zeros((4, 4)),
+        ...           "bias": jnp.zeros(4)}, "head": {"kernel": jnp.zeros((4, 9))}}
+        >>> kopt.keras.muon_labels(exclude_layers=["head"])(params)
+        {'dense': {'bias': 'adamw', 'kernel': 'muon'}, 'embedding': {'embeddings': 'adamw'},
+         'head': {'kernel': 'adamw'}}
+    """
+    from kopt.serialization import check_pattern, keras_variable_path  # serialization routes configs here
+
+    if isinstance(exclude_layers, str) or not isinstance(exclude_layers, Sequence):
+        raise ValueError(f"exclude_layers must be a list of patterns, got {shorten(exclude_layers)}")
+    patterns = [re.compile(check_pattern(pattern, "Muon exclude_layers pattern")) for pattern in exclude_layers]
+    exclude_embeddings = check_bool("exclude_embeddings", exclude_embeddings)
+
+    def label(path: Any, leaf: Any) -> str:
+        key = keras_variable_path(path)
+        if jnp.ndim(leaf) != 2 or (exclude_embeddings and "embedding" in key.lower()):
+            return "adamw"
+        return "adamw" if any(pattern.search(key) for pattern in patterns) else "muon"
+
+    return lambda params: jax.tree_util.tree_map_with_path(label, params)
+
+
+def _muon_rule(
+    learning_rate: Any,
+    adam_beta_1: float,
+    adam_beta_2: float,
+    adam_weight_decay: float | None,
+    epsilon: float,
+    exclude_layers: Sequence[str],
+    exclude_embeddings: bool,
+    muon_a: float,
+    muon_b: float,
+    muon_c: float,
+    adam_lr_ratio: float,
+    momentum: float,
+    ns_steps: int,
+    nesterov: bool,
+    rms_rate: float | None,
+    weight_decay: float | None = None,
+    packed: bool | None = None,
+    **options: Any,
+) -> Optimizer:
+    """Muon's rule in :func:`kopt.tf_keras`'s form: clipping, the two groups, the learning rate shared."""
+    if packed:
+        raise ValueError("Muon(packed=True): its matrix step and its groups work leaf by leaf; it cannot be packed")
+    matrices = [
+        trace(momentum, check_bool("nesterov", nesterov)),
+        orthogonalize_by_newton_schulz(ns_steps, (muon_a, muon_b, muon_c), rms_rate=rms_rate),
+    ]
+    if weight_decay is not None:  # Keras 3 decays the Muon variables at the rate, before the step
+        matrices.append(add_decayed_weights(weight_decay))
+    others = chain(scale_by_adam(adam_beta_1, adam_beta_2, epsilon), _adam_share(adam_lr_ratio, adam_weight_decay))
+    groups = partition({"muon": chain(*matrices), "adamw": others}, muon_labels(exclude_layers, exclude_embeddings))
+    learning_rate, options = tf_keras._options("Muon", learning_rate, {**options, "is_legacy_optimizer": False})
+    # The weight decay is inside the groups (each its own), so the shared chain is given none.
+    options = {**options, "weight_decay": None, "packed": False}
+    return tf_keras._optimizer("Muon", {"learning_rate": learning_rate}, options, [groups], per_leaf=True)
+
+
+def Muon(
+    learning_rate: Any = 0.001,
+    adam_beta_1: float = 0.9,
+    adam_beta_2: float = 0.999,
+    adam_weight_decay: float | None = 0.004,
+    epsilon: float = 1e-7,
+    weight_decay: float | None = 0.004,
+    clipnorm: float | None = None,
+    clipvalue: float | None = None,
+    global_clipnorm: float | None = None,
+    use_ema: bool = False,
+    ema_momentum: float = 0.99,
+    ema_overwrite_frequency: int | None = None,
+    loss_scale_factor: float | None = None,
+    gradient_accumulation_steps: int | None = None,
+    name: str | None = None,
+    exclude_layers: Sequence[str] | None = None,
+    exclude_embeddings: bool = True,
+    muon_a: float = 3.4445,
+    muon_b: float = -4.7750,
+    muon_c: float = 2.0315,
+    adam_lr_ratio: float = 1,
+    momentum: float = 0.95,
+    ns_steps: int = 5,
+    nesterov: bool = True,
+    rms_rate: float | None = 0.2,
+    *,
+    packed: bool | None = None,
+) -> Optimizer:
+    """Keras 3's Muon: orthogonalised momentum for the weight matrices, AdamW for everything else.
+
+    Leaves are split by :func:`muon_labels` (Keras' rule on the Keras variable path: 2-D, not an
+    ``embedding`` with ``exclude_embeddings``, no ``exclude_layers`` pattern found in it). With ``lr_i`` the
+    rate of step ``t = i + 1``, a Muon leaf ``p`` (``rows x columns``) takes::
+
+        m <- momentum*m + g;   G = g + momentum*m  (nesterov)  or  m
+        p <- p - lr_i*weight_decay*p - lr_i * rms_rate*sqrt(max(rows, columns)) * NS(G)
+
+    (``NS``: :func:`kopt.orthogonalize_by_newton_schulz`, ``ns_steps`` iterations of the quintic
+    ``(muon_a, muon_b, muon_c)``), and every other leaf Keras' Adam step at ``adam_lr_ratio`` of the rate,
+    decayed at the full rate::
+
+        p <- p - lr_i*adam_weight_decay*p - lr_i*adam_lr_ratio * c_t * m / (sqrt(v) + epsilon)
+
+    with Adam's ``m``, ``v`` (``adam_beta_1``, ``adam_beta_2``) and ``c_t = sqrt(1 - beta_2**t) / (1 - beta_1**t)``.
+    A ``None`` decay is off; ``rms_rate=None`` leaves ``NS(G)`` unscaled. Clipping, ``loss_scale_factor``,
+    accumulation and the EMA are every Keras 3 optimizer's (see :mod:`kopt.keras`). Leaves keep their own
+    state (the matrix step is per leaf): ``packed=True`` is refused, ``None`` (the default) and ``False`` keep
+    them apart. Patterns are checked as :func:`MultiOptimizer`'s (they may come from a file). Defaults are
+    Keras 3.15's.
+
+    Example:
+        >>> import jax.numpy as jnp, kopt
+        >>> opt = kopt.keras.Muon(0.02, exclude_layers=["head"])
+        >>> params = {"dense": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}, "head": {"kernel": jnp.ones((3, 2))}}
+        >>> state = opt.init(params)
+        >>> sorted(kopt.get_hyperparams(state))  # each once: set_hyperparams(state, muon_a=...) reaches it
+        ['adam_lr_ratio', 'adam_weight_decay', 'beta_1', 'beta_2', 'current_lr', 'decay', 'epsilon', 'lr',
+         'momentum', 'muon_a', 'muon_b', 'muon_c', 'ns_epsilon', 'rms_rate', 'weight_decay']
+    """
+    arguments = dict(locals())
+    arguments["exclude_layers"] = [] if exclude_layers is None else exclude_layers  # as Keras 3's config has it
+    return _optimizer("Muon", _muon_rule, arguments)
+
+
+OPTIMIZERS["Muon"] = Muon  # defined after the table: a Keras 3 config naming Muon builds it too

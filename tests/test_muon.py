@@ -2,13 +2,15 @@
 float64) and against what the iteration is (a map of each singular value; the polar factor when it converges),
 and ``kopt.keras.Muon`` against Keras 3's ``Muon`` built from its ``serialize()`` dict alone."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import kopt
-from tests.stepping import arrays, assert_follows_rule
+from tests.stepping import LIVE, arrays, assert_follows_rule
 
 KERAS_ABC = (3.4445, -4.7750, 2.0315)  # Keras 3's muon_a, muon_b, muon_c
 SHAPES = [(3, 5), (6, 2), (2, 4, 3)]  # wide, tall (transposed first), a batch of tall matrices
@@ -107,3 +109,133 @@ def test_convergent_coefficients_give_the_polar_factor():
         opt = kopt.orthogonalize_by_newton_schulz(60, (1.5, -0.5, 0.0), rms_rate=0.2)
         updates, _ = opt.update(jnp.asarray(g), opt.init(jnp.asarray(g)))
     np.testing.assert_allclose(np.asarray(updates), u @ vt * 0.2 * np.sqrt(5), atol=1e-9)
+
+
+def test_refusals():
+    opt = kopt.orthogonalize_by_newton_schulz()
+    with pytest.raises(ValueError, match=r"updates\['bias'\] has shape \(3,\)"):
+        opt.update({"bias": jnp.zeros(3), "kernel": jnp.zeros((3, 2))}, opt.init(None))
+    with pytest.raises(ValueError, match="works leaf by leaf"):
+        packed = kopt.packed(opt)
+        params = [jnp.zeros((2, 2))] * 3
+        packed.update(params, packed.init(params), params)
+    injected = optax.inject_hyperparams(kopt.orthogonalize_by_newton_schulz)(ns_steps=5)
+    with pytest.raises(ValueError, match="static_args"):  # a traced loop count
+        jax.jit(injected.update)(jnp.ones((2, 2)), injected.init(jnp.zeros((2, 2))))
+    for bad in ({"coefficients": (1.0, 2.0)}, {"epsilon": -1.0}, {"rms_rate": -0.1}, {"ns_steps": 2.5}):
+        with pytest.raises(ValueError):
+            kopt.orthogonalize_by_newton_schulz(**bad)
+
+
+def test_in_an_optax_chain_and_with_injected_hyperparams():
+    """An optax transformation beside it, and optax.inject_hyperparams over it: the same step."""
+    g = jnp.asarray(arrays(4, [(3, 4)])[0])
+    alone = kopt.orthogonalize_by_newton_schulz()
+    expected, _ = alone.update(g, alone.init(g))
+    chained = optax.chain(alone, optax.scale(-1.0))
+    updates, _ = chained.update(g, chained.init(g))
+    chex.assert_trees_all_close(updates, -expected, atol=1e-6)  # jit vs eager: float32 rounding
+    injected = optax.inject_hyperparams(kopt.orthogonalize_by_newton_schulz, static_args=("ns_steps",))(rms_rate=0.2)
+    updates, state = jax.jit(injected.update)(g, injected.init(g))
+    chex.assert_trees_all_close(updates, expected, atol=1e-6)
+    assert float(state.hyperparams["rms_rate"]) == pytest.approx(0.2)
+
+
+# --------------------------------------------------------------------------- Keras 3's Muon, live
+
+#: A small model's variables by Keras path: a tall and a wide kernel (Muon's), a bias and a 3-D kernel (AdamW:
+#: not 2-D), an embedding table (AdamW unless exclude_embeddings=False).
+VARIABLES = {
+    "conv/kernel": (2, 3, 4),
+    "dense/bias": (3,),
+    "dense/kernel": (4, 3),
+    "embedding/embeddings": (6, 3),
+    "head/kernel": (3, 5),
+}
+MUON_CASES = {
+    "defaults": {},
+    "no nesterov, exclusions, adam share": {
+        "nesterov": False,
+        "momentum": 0.9,
+        "exclude_layers": ["head"],
+        "exclude_embeddings": False,
+        "weight_decay": None,
+        "adam_weight_decay": 0.1,
+        "adam_lr_ratio": 0.1,
+        "adam_beta_1": 0.8,
+        "adam_beta_2": 0.99,
+        "epsilon": 1e-5,
+    },
+    "schedule, decay, scaling, steps, coefficients": {
+        "schedule": True,
+        "weight_decay": 0.1,
+        "adam_weight_decay": None,
+        "rms_rate": None,
+        "ns_steps": 3,
+        "muon_a": 3.0,
+        "muon_b": -3.2,
+        "muon_c": 1.2,
+        "exclude_layers": ["^dense/"],
+        "global_clipnorm": 1.0,
+    },
+}
+
+
+def tree(flat: dict) -> dict:
+    """``{"dense/kernel": x}`` as ``{"dense": {"kernel": x}}``: the tree whose Keras paths are the keys."""
+    nested: dict = {}
+    for path, value in flat.items():
+        layer, name = path.split("/")
+        nested.setdefault(layer, {})[name] = value
+    return nested
+
+
+def keras_muon(keras, case: str):
+    kwargs = dict(MUON_CASES[case])
+    rate = 0.02
+    if kwargs.pop("schedule", False):
+        rate = keras.optimizers.schedules.ExponentialDecay(0.05, decay_steps=2, decay_rate=0.5)
+    return keras.optimizers.Muon(rate, **kwargs)
+
+
+@pytest.mark.parametrize("case", MUON_CASES)
+def test_keras_muon_follows_keras3(case):
+    """``kopt.deserialize(keras.optimizers.serialize(Muon(...)))`` takes Keras 3's steps, within the suite's
+    bound for Keras references (2e-6 + 2e-5 |keras|, float32; the Newton-Schulz steps need no looser), and a
+    wrong coefficient is caught."""
+    keras = pytest.importorskip("keras", reason="the keras3 extra is not installed")
+    import json
+
+    k_opt = keras_muon(keras, case)
+    config = json.loads(json.dumps(keras.optimizers.serialize(k_opt)))
+    opt = kopt.deserialize(config)
+    assert opt.class_name == "Muon" and kopt.serialize(opt) == config
+
+    rng = np.random.default_rng(5)
+    start = {path: rng.normal(size=shape).astype(np.float32) for path, shape in VARIABLES.items()}
+    k_vars = []
+    for path, value in start.items():
+        layer, name = path.split("/")
+        with keras.name_scope(layer):
+            k_vars.append(keras.Variable(value, name=name))
+    assert [v.path for v in k_vars] == list(VARIABLES)
+    k_opt.build(k_vars)
+    grads = [{path: rng.normal(size=shape).astype(np.float32) for path, shape in VARIABLES.items()} for _ in range(6)]
+
+    step = jax.jit(lambda p, s, g: (lambda u, s: (kopt.apply_updates(p, u), s))(*opt.update(g, s, p)))
+    params = jax.tree.map(jnp.asarray, tree(start))
+    state = opt.init(params)
+    initial_state = state
+    for g in grads:
+        k_opt.apply([keras.ops.convert_to_tensor(g[path]) for path in VARIABLES], k_vars)
+        params, state = step(params, state, tree(g))
+        expected = tree({path: np.asarray(v.value) for path, v in zip(VARIABLES, k_vars, strict=True)})
+        chex.assert_trees_all_close(params, expected, **LIVE)
+
+    # The same run with muon_c off by 1e-3 (relative) leaves the bound: the test sees the coefficients.
+    wrong = kopt.set_hyperparams(initial_state, muon_c=float(config["config"]["muon_c"]) * 1.001)
+    params = jax.tree.map(jnp.asarray, tree(start))
+    for g in grads:
+        params, wrong = step(params, wrong, tree(g))
+    with pytest.raises(AssertionError):
+        chex.assert_trees_all_close(params, expected, **LIVE)
