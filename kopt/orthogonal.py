@@ -59,7 +59,7 @@ def _newton_schulz_array(
 ) -> tuple[jax.Array]:
     rows, columns = g.shape[-2:]
     tall = rows > columns
-    # Iterate on the wide orientation, so the Gram matrix x x^T is the smaller square.
+    # p(X X^T) X = X p(X^T X): either orientation gives the same result; the wide one has the smaller Gram.
     x = _adjoint(g) if tall else g
     # The Frobenius norm bounds the spectral norm: every singular value starts in [0, 1].
     norm = jnp.sqrt(jnp.sum(jnp.square(jnp.abs(x)), axis=(-2, -1), keepdims=True))

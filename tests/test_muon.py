@@ -239,3 +239,34 @@ def test_keras_muon_follows_keras3(case):
         params, wrong = step(params, wrong, tree(g))
     with pytest.raises(AssertionError):
         chex.assert_trees_all_close(params, expected, **LIVE)
+
+
+def test_muon_labels_on_pytrees_and_bounded_patterns():
+    """Keras' rule on :func:`kopt.keras_variable_path`: Flax Linen's ``params`` dropped, list indices as
+    numbers, ``embedding`` found in any key in any case; patterns are searched (not fully matched) and a
+    pattern that could match in exponential time, or a bare string, is refused."""
+    leaves = {"Embed_0": {"embedding": (7, 3)}, "Dense_0": {"kernel": (3, 3), "bias": (3,)}, "TokEmbedding": (5, 3)}
+    params = {"params": {**leaves, "blocks": [{"kernel": (3, 3)}, {"kernel": (3, 3)}]}}
+    params = jax.tree.map(jnp.zeros, params, is_leaf=lambda x: isinstance(x, tuple))
+    labels = kopt.keras.muon_labels(exclude_layers=[r"blocks/1/"])(params)["params"]
+    assert labels["Embed_0"]["embedding"] == labels["TokEmbedding"] == labels["Dense_0"]["bias"] == "adamw"
+    assert labels["Dense_0"]["kernel"] == labels["blocks"][0]["kernel"] == "muon"
+    assert labels["blocks"][1]["kernel"] == "adamw"
+    assert kopt.keras.muon_labels(exclude_embeddings=False)(params)["params"]["Embed_0"]["embedding"] == "muon"
+    for bad in (["(a+)+$"], ["x" * 300], "head", [3]):
+        with pytest.raises(ValueError, match="exclude_layers"):
+            kopt.keras.Muon(exclude_layers=bad)
+
+
+def test_muon_layouts_and_optax_chain():
+    """The default layout (``packed=None``) keeps Muon's leaves apart, ``packed=True`` is refused; inside an
+    optax chain it takes the same step."""
+    params = {"dense": {"kernel": jnp.ones((4, 3)), "bias": jnp.ones(3)}}
+    grads = jax.tree.map(lambda p: jnp.asarray(arrays(6, [p.shape])[0]), params)
+    opt = kopt.keras.Muon(0.01)
+    expected, _ = opt.update(grads, opt.init(params), params)
+    chained = optax.chain(opt, optax.scale(1.0))
+    updates, _ = chained.update(grads, chained.init(params), params)
+    chex.assert_trees_all_close(updates, expected, atol=1e-7)
+    with pytest.raises(ValueError, match="cannot be packed"):
+        kopt.keras.Muon(packed=True)
