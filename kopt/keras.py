@@ -35,7 +35,8 @@ Where Keras 3 differs from tf_keras: ``Lion``'s default learning rate (0.001,
 tf_keras 0.0001), the EMA's start (the first step's variables, tf_keras: from the
 initial ones), two clip options at once (refused, tf_keras ignores
 ``clipvalue``), ``Lamb``, ``ScheduleFreeAdamW``, ``LossScaleOptimizer`` taking
-scaled gradients, and ``MultiOptimizer``.
+scaled gradients, ``MultiOptimizer``, and ``Muon`` (:func:`kopt.orthogonalize_by_newton_schulz` for the weight
+matrices, AdamW for the rest, split by :func:`muon_labels`).
 
     >>> import kopt
     >>> opt = kopt.keras.Lion(weight_decay=0.1)                 # == keras.optimizers.Lion(weight_decay=0.1)

@@ -13,9 +13,22 @@ Two generations of TensorFlow optimizers exist, chosen by
   2.10 and ``tf.keras.optimizers.legacy.X`` / ``tf_keras.optimizers.legacy.X``
   after it. Has ``decay`` (inverse-time learning-rate decay, as Keras 2.2.4).
 * ``False``: the optimizers of TF >= 2.11 (``tf_keras.optimizers.X``). No
-  ``decay``; ``weight_decay`` (decoupled: ``p <- p - lr * weight_decay * p``);
+  ``decay``; ``weight_decay`` (decoupled: ``p <- p - lr_i * weight_decay * p``
+  before the update step, outside any momentum, at the step's rate);
   epsilon inside the square root for RMSprop and Adagrad; Nadam's momentum
   schedule ``0.96**t`` (``schedule_decay = 1``).
+
+  ``exclude_from_weight_decay`` (TF >= 2.11, a list of regular expressions) is
+  a kopt constructor option doing what Keras' method
+  ``optimizer.exclude_from_weight_decay(var_names=...)`` does: a param leaf
+  whose variable name any pattern is found in (``re.search``) is not decayed.
+  The name is read from the leaf's :func:`kopt.keras_variable_path` as
+  ``variable_names`` says: ``"tf_keras"`` (default; tf_keras' ``variable.name``,
+  the full path and ``:0``: ``{"dense": {"kernel": w}}`` is ``dense/kernel:0``)
+  or ``"keras3"`` (Keras 3's, the last part: ``kernel``). Like Keras' method it
+  is not in the config (``get_config`` has no such key): give it again to an
+  optimizer built from a config. Patterns are bounded as MultiOptimizer's are;
+  the masked leaves keep their slots apart (``packed=True`` is refused).
 
 Where TensorFlow differs from Keras 2.2.4 (``kopt.Adam`` etc.):
 
@@ -62,9 +75,12 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+
+import jax
 
 from kopt import packing, schedules
 from kopt.averaging import ema_overwrite
@@ -87,6 +103,7 @@ from kopt.transforms import (
     scale_by_trust_ratio,
     schedule_free_adam,
     trace,
+    weight_decay_first,
 )
 from kopt.tree import rounded_once
 from kopt.validation import as_real, check_bool, check_clip_option, check_hyperparam, is_concrete
@@ -114,7 +131,22 @@ MODULES = {LEGACY: "keras.optimizers.legacy", CURRENT: "keras.optimizers"}
 
 _COMMON = ("name", "clipnorm", "clipvalue", "global_clipnorm", "lr", "is_legacy_optimizer", "packed")
 _LEGACY_ONLY = ("decay",)
-_CURRENT_ONLY = ("weight_decay", "use_ema", "ema_momentum", "ema_overwrite_frequency", "jit_compile")
+_CURRENT_ONLY = (
+    "weight_decay",
+    "use_ema",
+    "ema_momentum",
+    "ema_overwrite_frequency",
+    "jit_compile",
+    "exclude_from_weight_decay",
+    "variable_names",
+)
+#: The name each Keras gives the variable a param leaf holds (from its :func:`kopt.keras_variable_path`),
+#: which ``exclude_from_weight_decay``'s patterns are searched in: tf_keras' ``variable.name`` is the full
+#: path with the output index (``dense/kernel:0``), Keras 3's the last part (``kernel``).
+VARIABLE_NAMES: dict[str, Callable[[str], str]] = {
+    "tf_keras": lambda path: f"{path}:0",
+    "keras3": lambda path: path.rsplit("/", 1)[-1],
+}
 
 
 # --------------------------------------------------------------------------- learning-rate schedules
@@ -323,6 +355,38 @@ def _clipping(class_name: str, options: Mapping[str, Any]) -> list[GradientTrans
     return norm or value
 
 
+def _excluded_from_decay(patterns: Any, variable_names: Any) -> Callable[[Any], Any] | None:
+    """The mask of the leaves ``weight_decay`` decays, a function of the params: ``False`` where a pattern of
+    ``exclude_from_weight_decay`` is found (``re.search``) in the Keras name of the leaf's variable (see
+    :data:`VARIABLE_NAMES`), as Keras' ``optimizer.exclude_from_weight_decay(var_names=patterns)`` does;
+    ``None`` (decay all) without patterns."""
+    # Not at the top: kopt.serialization imports this module.
+    from kopt.serialization import check_pattern, keras_variable_path
+
+    if variable_names not in VARIABLE_NAMES:
+        raise ValueError(
+            f"variable_names must be one of {', '.join(map(repr, VARIABLE_NAMES))}, got {shorten(variable_names)}"
+        )
+    if patterns is None:
+        return None
+    if isinstance(patterns, str) or not isinstance(patterns, Sequence):
+        # Keras would take a string's characters as the patterns: a list of one is what is meant
+        raise ValueError(f"exclude_from_weight_decay must be a list of patterns (strings), got {shorten(patterns)}")
+    searches = [re.compile(check_pattern(p, "exclude_from_weight_decay pattern")).search for p in patterns]
+    if not searches:
+        return None
+    name = VARIABLE_NAMES[variable_names]
+
+    def decayed(params: Any) -> Any:
+        def keeps_decay(path: Any, _: Any) -> bool:
+            variable = name(keras_variable_path(path))
+            return not any(search(variable) for search in searches)
+
+        return jax.tree_util.tree_map_with_path(keeps_decay, params)
+
+    return decayed
+
+
 def _optimizer(
     class_name: str,
     config: dict[str, Any],
@@ -330,7 +394,7 @@ def _optimizer(
     scaling: list[GradientTransformation],
     *,
     momentum: GradientTransformation | None = None,
-    step: Callable[[LearningRate], GradientTransformation] = scale_by_learning_rate,
+    step: Callable[..., GradientTransformation] = scale_by_learning_rate,
     per_leaf: bool = False,
     decays_inside: bool = False,
 ) -> Optimizer:
@@ -340,43 +404,59 @@ def _optimizer(
     velocity holds lr-scaled steps, as TensorFlow's does. ``step`` makes the
     learning rate's transform from the rate (FTRL takes the rate inside its rule).
     ``per_leaf``: the scaling's math is per variable (Lamb's trust ratio), so leaves stay apart.
-    ``decays_inside``: ``step`` applies ``weight_decay`` itself, to the variables its rule reads (FTRL,
-    Adafactor, schedule-free AdamW hold the rate, so they can decay as TensorFlow does, before reading).
+    ``decays_inside``: ``step(rate, weight_decay)`` applies ``weight_decay`` itself, to the variables its rule
+    reads (FTRL, Adafactor, schedule-free AdamW hold the rate, so they decay as TensorFlow does, before reading).
+
+    ``weight_decay`` is Keras': ``p <- p - lr_i * weight_decay * p`` before the update step. Where the step
+    neither reads the params nor keeps a momentum, :func:`kopt.add_decayed_weights` before the learning rate is
+    that; otherwise (a velocity, which never sees the decay; Lamb's trust ratio, which reads the decayed
+    norm; a rule that holds the rate, with some variables excluded) :func:`kopt.transforms.weight_decay_first`
+    decays around the rule. ``exclude_from_weight_decay`` masks the decay by variable name (leaves stay apart).
     """
     legacy = options["is_legacy_optimizer"]
     packed = options.pop("packed", None)
+    excluded = _excluded_from_decay(
+        options.pop("exclude_from_weight_decay", None), options.pop("variable_names", "tf_keras")
+    )
     rate = _schedule(config["learning_rate"], options.get("decay", 0.0) if legacy else 0.0)
-    decay = []
-    weight_decay = options.get("weight_decay")
-    if weight_decay is not None and (not is_concrete(weight_decay) or weight_decay):  # traced: on
-        if momentum is not None:
-            raise ValueError(
-                f"{class_name}(weight_decay=..., momentum > 0) cannot be honoured: TensorFlow decays the variable "
-                "outside the momentum, which this chain cannot express; use momentum=0 or kopt.add_decayed_weights"
-            )
-        if not decays_inside and (step is not scale_by_learning_rate or per_leaf):
-            raise ValueError(
-                f"{class_name}(weight_decay=...) cannot be honoured: TensorFlow decays the variable before its rule "
-                "reads it, which this chain cannot express"
-            )
-        decay = [] if decays_inside else [add_decayed_weights(weight_decay)]
     velocity = [momentum] if momentum else []
+    traced_momentum = momentum is not None and not is_concrete(config["momentum"])
+
+    def update_step(lr: LearningRate, decay: Sequence[GradientTransformation] = ()) -> list[GradientTransformation]:
+        return [*scaling, *decay, step(lr), *velocity]
+
+    def rule(lr: LearningRate) -> GradientTransformation:
+        """Keras' update step after the decay, for weight_decay_first."""
+        parts = update_step(lr)
+        inner = chain(*parts)
+        return _refusing_states_without_velocity(inner, len(parts)) if traced_momentum else inner
+
+    weight_decay = options.get("weight_decay")
+    if weight_decay is None or (is_concrete(weight_decay) and not weight_decay):  # off; a traced one is on
+        core = update_step(rate)
+    elif decays_inside and excluded is None:
+        core = [step(rate, weight_decay)]
+    elif momentum is None and not per_leaf and step is scale_by_learning_rate:
+        core = update_step(rate, [add_decayed_weights(weight_decay, mask=excluded)])
+    else:
+        core = [weight_decay_first(rule, rate, weight_decay, mask=excluded)]
     # use_ema: the moving average of the new variables, which every ema_overwrite_frequency steps (0: never)
     # replaces them; last, so that it sees the whole step.
     every = options.get("ema_overwrite_frequency") or None
     ema = [ema_overwrite(options["ema_momentum"], every)] if options.get("use_ema") else []
-    members = [*_clipping(class_name, options), *scaling, *decay, step(rate), *velocity, *ema]
+    members = [*_clipping(class_name, options), *core, *ema]
     transform = chain(*members)
-    if momentum and not is_concrete(config["momentum"]):
+    if traced_momentum and any(member is momentum for member in core):  # else rule's chain refuses
         transform = _refusing_states_without_velocity(transform, len(members))
     layout = packed
-    if switched_on(options.get("clipnorm")) or per_leaf:  # math per variable (clipnorm, trust ratio): leaves apart
+    per_variable = {
+        "(...) scales each variable on its own": per_leaf,
+        "(clipnorm=...) clips each variable on its own norm": switched_on(options.get("clipnorm")),
+        "(exclude_from_weight_decay=...) decays some variables only": excluded is not None,
+    }
+    if any(per_variable.values()):  # math per variable (clipnorm, trust ratio, a mask): leaves apart
         if packed:
-            what = (
-                "(...) scales each variable on its own"
-                if per_leaf
-                else "(clipnorm=...) clips each variable on its own norm"
-            )
+            what = next(what for what, on in per_variable.items() if on)
             raise ValueError(f"{class_name}{what}: it cannot be packed")
         layout = False
     transform = packing.as_asked(rounded_once(transform), layout)
@@ -424,6 +504,8 @@ def SGD(learning_rate: Any = 0.01, momentum: float = 0.0, nesterov: bool = False
     Without momentum (the default) ``p <- p - lr_i*g``; the legacy SGD then keeps no velocity.
     Defaults ``learning_rate=0.01, momentum=0, nesterov=False``.
     Chain: clipping, ``scale_by_learning_rate``, ``trace(momentum, nesterov)`` if ``momentum > 0``.
+    ``weight_decay`` (TF >= 2.11) adds ``-lr_i * weight_decay * p``, which the velocity never holds
+    (:func:`kopt.transforms.weight_decay_first` around the chain), as TensorFlow and Keras 3 do.
 
     Example:
         >>> import kopt
@@ -452,7 +534,8 @@ def RMSprop(
     step ``lr_i * g / ...`` goes through a velocity ``v <- momentum*v + step``.
     ``centered=True`` uses ``a - mean_grad**2``. Defaults ``learning_rate=0.001,
     rho=0.9, momentum=0, epsilon=1e-7, centered=False``. Note: TensorFlow's
-    ``momentum`` weight is ``-velocity`` (it holds the positive step).
+    ``momentum`` weight is ``-velocity`` (it holds the positive step). ``weight_decay`` (TF >= 2.11) adds
+    ``-lr_i * weight_decay * p`` outside the velocity, as TensorFlow and Keras 3 do.
 
     Example:
         >>> import kopt
@@ -658,7 +741,7 @@ def Ftrl(
         "beta": beta,
     }
 
-    def step(rate: LearningRate) -> GradientTransformation:
+    def step(rate: LearningRate, weight_decay: float = 0.0) -> GradientTransformation:
         return ftrl(
             rate,
             learning_rate_power,
@@ -667,7 +750,7 @@ def Ftrl(
             l2_regularization_strength,
             l2_shrinkage_regularization_strength,
             beta,
-            weight_decay=options.get("weight_decay") or 0.0,
+            weight_decay=weight_decay,
         )
 
     return _optimizer("Ftrl", config, options, [], step=step, decays_inside=True)
@@ -705,9 +788,8 @@ def Adafactor(
         "relative_step": check_bool("relative_step", relative_step),
     }
 
-    def step(rate: LearningRate) -> GradientTransformation:
-        decay = options.get("weight_decay") or 0.0
-        return scale_by_adafactor(rate, beta_2_decay, epsilon_1, epsilon_2, clip_threshold, weight_decay=decay)
+    def step(rate: LearningRate, weight_decay: float = 0.0) -> GradientTransformation:
+        return scale_by_adafactor(rate, beta_2_decay, epsilon_1, epsilon_2, clip_threshold, weight_decay=weight_decay)
 
     return _optimizer("Adafactor", config, options, [], step=step, per_leaf=True, decays_inside=True)
 
@@ -717,7 +799,8 @@ def _lamb(
 ) -> Optimizer:
     """Keras 3's Lamb (tf_keras has none): Adam's moments with ``epsilon`` on the corrected root, scaled per
     variable by the trust ratio ``||p|| / ||u||`` (:func:`kopt.scale_by_trust_ratio`), then by the learning rate.
-    Leaves stay apart. ``weight_decay`` is refused (Keras decays the variable before the ratio reads its norm)."""
+    Leaves stay apart. ``weight_decay`` decays the variable first (``p' = p - lr_i * weight_decay * p``), and the
+    ratio reads the norm of ``p'``, as Keras 3 does (:func:`kopt.transforms.weight_decay_first`)."""
     learning_rate, options = _options("Lamb", learning_rate, _current_only("Lamb", options))
     config = {"learning_rate": learning_rate, "beta_1": beta_1, "beta_2": beta_2, "epsilon": epsilon}
     scaling = [scale_by_adam(beta_1, beta_2, epsilon, corrected_epsilon=True), scale_by_trust_ratio()]
@@ -739,9 +822,8 @@ def _schedule_free_adamw(
     config = {"learning_rate": learning_rate, "beta_1": beta_1, "beta_2": beta_2, "epsilon": epsilon}
     config["warmup_steps"] = warmup_steps
 
-    def step(rate: LearningRate) -> GradientTransformation:
-        decay = options.get("weight_decay") or 0.0
-        return schedule_free_adam(rate, beta_1, beta_2, epsilon, warmup_steps, weight_decay=decay)
+    def step(rate: LearningRate, weight_decay: float = 0.0) -> GradientTransformation:
+        return schedule_free_adam(rate, beta_1, beta_2, epsilon, warmup_steps, weight_decay=weight_decay)
 
     return _optimizer("ScheduleFreeAdamW", config, options, [], step=step, decays_inside=True)
 

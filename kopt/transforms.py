@@ -28,8 +28,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from kopt.base import GradientTransformation, Updates, expects
-from kopt.groups import masked
+from kopt.base import GradientTransformation, Updates, accepted_extra_args, expects
+from kopt.groups import Labels, _merge, _resolve, masked
 from kopt.packing import refuse_packed
 from kopt.schedules import Schedule, constant_schedule
 from kopt.state import current_hyperparams, init_hyperparams
@@ -1016,3 +1016,79 @@ def add_decayed_weights(rate: float, mask=None) -> GradientTransformation:
     """
     transform = _add_decayed_weights(rate)
     return transform if mask is None else masked(transform, mask)
+
+
+class WeightDecayFirstState(NamedTuple):
+    inner_state: Any  # the rule's, which holds the learning rate
+    hyperparams: HyperParams
+
+
+def _rate_state(state: Any) -> ScaleByLearningRateState:
+    """The one :func:`scale_by_learning_rate` state inside a rule's state."""
+    found = [
+        node
+        for node in jax.tree.leaves(state, is_leaf=lambda node: isinstance(node, ScaleByLearningRateState))
+        if isinstance(node, ScaleByLearningRateState)
+    ]
+    if len(found) != 1:
+        raise ValueError(
+            f"weight_decay_first: rule(learning_rate) must hold its rate in exactly one scale_by_learning_rate "
+            f"state (its own or a chain member's), found {len(found)}"
+        )
+    return found[0]
+
+
+def weight_decay_first(
+    rule: Callable[[Any], GradientTransformation],
+    learning_rate: float | Schedule | Callable[[jax.Array], jax.Array],
+    weight_decay: float,
+    mask: Labels = None,
+) -> GradientTransformation:
+    """Keras' weight decay: each variable is decayed, ``p' = p - lr_i * weight_decay * p``, before the rule
+    ``rule(learning_rate)`` reads it and steps from ``p'``.
+
+    The update is ``(p' - p) + rule's update at p'``: the decay is a step of its
+    own, outside any momentum the rule keeps (Keras' SGD and RMSprop velocities
+    never see it), and a rule that reads the params (LAMB's trust ratio) reads
+    the decayed ones. ``lr_i`` is the rule's rate of this step (``i`` the steps
+    taken before it, schedules included), so the rule must hold it in one
+    :func:`scale_by_learning_rate` state, its own or a chain member's. Where the
+    rule reads no params and keeps no momentum, :func:`add_decayed_weights`
+    before the learning rate is the same step. ``weight_decay`` is held in the
+    state; ``mask`` (a pytree of bools or a function of params, see
+    :func:`~kopt.masked`) limits the decay to some leaves and refuses the packed
+    layout. Needs the params.
+
+    Example:
+        >>> import jax.numpy as jnp, kopt
+        >>> opt = kopt.transforms.weight_decay_first(
+        ...     lambda lr: kopt.chain(kopt.scale_by_learning_rate(lr), kopt.trace(0.9)), 0.1, 0.5)
+        >>> params = jnp.array([2.0])
+        >>> updates, state = opt.update(jnp.array([1.0]), opt.init(params), params)
+        >>> round(float(updates[0]), 6)  # -0.1 * 0.5 * 2 (the decay) - 0.1 * 1 (the velocity)
+        -0.2
+        >>> round(float(kopt.get_slot(state, "velocity")[0]), 6)  # no decay in it
+        -0.1
+    """
+    inner = rule(learning_rate)
+    rate = scale_by_learning_rate(learning_rate)
+    values = _checked(weight_decay=weight_decay)
+    keep = accepted_extra_args(inner.update)
+
+    def init(params):
+        return WeightDecayFirstState(inner.init(params), init_hyperparams(values, params))
+
+    @expects(WeightDecayFirstState)
+    def update(updates, state, params=None, **extra_args):
+        needs_params(params, "weight_decay_first")
+        if mask is not None:
+            refuse_packed("weight_decay_first(mask=...)", params)
+        hp = current_hyperparams(state.hyperparams, values)
+        lr, _, _ = _rate_now(rate, _rate_state(state.inner_state))  # the rule's rate of this step, untouched
+        decayed = _decayed(params, hp["weight_decay"], lr)
+        if mask is not None:
+            decayed = _merge(_resolve(mask, params, "weight_decay_first"), {True: decayed}, params)
+        updates, inner_state = inner.update(updates, state.inner_state, decayed, **keep(extra_args))
+        return _through_decay(updates, decayed, params), WeightDecayFirstState(inner_state, hp)
+
+    return GradientTransformation(init, update)
