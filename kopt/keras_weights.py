@@ -70,7 +70,7 @@ What the weights do not hold, and how kopt fills it in:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -79,7 +79,7 @@ import numpy as np
 
 from kopt.base import OptState, Params
 from kopt.optimizers import Optimizer
-from kopt.state import get_slot, set_slot
+from kopt.state import get_hyperparams, get_slot, set_hyperparams, set_slot
 from kopt.state import iterations as step_count
 from kopt.tree import first_complex
 
@@ -91,6 +91,19 @@ __all__ = ["from_keras_weights", "to_keras_weights"]
 Layout = list
 
 KERAS_LAYOUT, LEGACY_LAYOUT, CURRENT_LAYOUT = "Keras 2.2.4", "TensorFlow legacy", "TensorFlow >= 2.11"
+KERAS3_LAYOUT = "Keras 3"
+
+#: The scalars a layout may hold, with the NumPy dtype kinds a file may store each in. ``wrapped_*`` are
+#: a Keras 3 LossScaleOptimizer's own counter and rate, which Keras keeps at 0 (its inner optimizer's count).
+_SCALARS = {
+    "iterations": "iu",
+    "m_schedule": "f",
+    "learning_rate": "f",
+    "good_steps": "iu",
+    "loss_scale": "f",
+    "wrapper_iterations": "iu",
+    "wrapper_learning_rate": "f",
+}
 
 
 def _keras_layout(class_name: str, config: dict[str, Any]) -> Layout:
@@ -144,6 +157,44 @@ def _current_layout(class_name: str, config: dict[str, Any]) -> Layout:
     return [layout[0], "average", *layout[1:]] if config.get("use_ema") else layout
 
 
+def _keras3_slots(class_name: str, config: Mapping[str, Any]) -> Layout:
+    adam = [("m", "v")] + (["vhat"] if config.get("amsgrad") else [])
+    return {
+        "SGD": ["velocity"] if config.get("momentum", 0) != 0 else [],  # Keras 3 keeps none without momentum
+        "RMSprop": ["accumulator", *_rmsprop_parts(config)],
+        "Adagrad": ["accumulator"],
+        "Adadelta": [("accumulator", "delta_accumulator")],
+        "Adam": adam,
+        "AdamW": adam,
+        "Lamb": [("m", "v")],
+        "Adamax": [("m", "u")],
+        "Nadam": [("m", "v"), "m_schedule"],  # Keras 3 saves its u_product, last
+        "Ftrl": [("accumulator", "linear")],
+        "Lion": ["m"],
+        "Adafactor": [("r*", "c*", "v")],  # r, c: int32 placeholders for variables of fewer than 2 dimensions
+        "ScheduleFreeAdamW": [("z", "v")],
+    }[class_name]
+
+
+def _keras3_layout(class_name: str, config: Mapping[str, Any]) -> Layout:
+    """Keras 3's ``optimizer.variables`` (what ``.keras`` files hold under ``optimizer/vars``): ``iteration``
+    (the calls, accumulating ones too), the ``learning_rate`` variable (none with a schedule), the moving
+    averages (``use_ema``), the gradient accumulators, then the rule's slots; a LossScaleOptimizer's own
+    four scalars come before its inner optimizer's variables."""
+    if class_name == "LossScaleOptimizer":
+        inner = config["inner_optimizer"]
+        wrapper = ["wrapper_iterations", "wrapper_learning_rate", "good_steps", "loss_scale"]
+        return wrapper + _keras3_layout(inner["class_name"], inner["config"])
+    rate = config.get("learning_rate")
+    return [
+        "iterations",
+        *(["learning_rate"] if isinstance(rate, (int, float)) else []),
+        *(["average"] if config.get("use_ema") else []),
+        *(["grad_sum"] if config.get("gradient_accumulation_steps") else []),
+        *_keras3_slots(class_name, config),
+    ]
+
+
 def _layouts(opt: Any) -> dict[str, Layout]:
     """The weight layouts ``opt`` can read, by name: its own flavor's first."""
     if not isinstance(opt, Optimizer) or (opt.flavor, opt.class_name) == ("keras", "AdamW"):
@@ -156,16 +207,20 @@ def _layouts(opt: Any) -> dict[str, Layout]:
         "LossScaleOptimizerV3": "its inner optimizer's, the loss scale and its counter",
         "Adafactor": "r and c exist only for variables of 2 or more dimensions",
     }
-    if opt.class_name in unread:
+    if opt.class_name in unread and opt.flavor != "keras3":
         raise ValueError(
             f"{opt.class_name}'s weights ({unread[opt.class_name]}) are not read or written yet; "
             "start from opt.init(params)"
         )
     if opt.flavor == "keras3":
-        raise ValueError(
-            f"{opt!r} was built from a Keras 3 config: Keras 3's optimizer variables (.keras files) are not read "
-            "or written yet; start from opt.init(params)"
-        )
+        inner = opt.config.get("inner_optimizer", {})
+        unread = {"MultiOptimizer", "Muon"} & {opt.class_name, inner.get("class_name")}
+        if unread:
+            raise ValueError(
+                f"Keras 3's {unread.pop()} optimizer variables are not read or written yet; start from "
+                "opt.init(params)"
+            )
+        return {KERAS3_LAYOUT: _keras3_layout(opt.class_name, opt.config)}
     if opt.flavor == "tf_keras.legacy":
         return {LEGACY_LAYOUT: _legacy_layout(opt.class_name, opt.config)}
     if opt.flavor == "tf_keras":
@@ -177,21 +232,23 @@ def _layouts(opt: Any) -> dict[str, Layout]:
 
 
 class _Entry(NamedTuple):
-    """What weight ``j`` of a layout holds: a scalar (``leaf`` None) or slot ``name`` of leaf ``leaf``."""
+    """What weight ``j`` of a layout holds: a scalar (``leaf`` None) or slot ``name`` of leaf ``leaf``.
+    ``factored``: Adafactor's row or column moment, a placeholder for leaves of fewer than 2 dimensions."""
 
     name: str
     leaf: int | None = None
     negated: bool = False
     placeholder: bool = False
+    factored: bool = False
 
 
 def _entries(layout: Layout, n: int) -> list[_Entry]:
     def slot(part: str, leaf: int) -> _Entry:
-        return _Entry(part.strip("-?"), leaf, part.startswith("-"), part.endswith("?"))
+        return _Entry(part.strip("-?*"), leaf, part.startswith("-"), part.endswith("?"), part.endswith("*"))
 
     entries = []
     for part in layout:
-        if part in ("iterations", "m_schedule"):
+        if part in _SCALARS:
             entries.append(_Entry(part))
         elif isinstance(part, tuple):
             entries.extend(slot(name, k) for k in range(n) for name in part)
@@ -204,10 +261,10 @@ def _describe(layout: Layout, n: int) -> str:
     """E.g. ``7 weights [iterations, m x2, v x2, vhat x2] (vhat: placeholders ...)``."""
     parts = [
         part
-        if part in ("iterations", "m_schedule")
-        else f"({', '.join(part)}) x{n}"
+        if part in _SCALARS
+        else f"({', '.join(name.strip('-?*') for name in part)}) x{n}"
         if isinstance(part, tuple)
-        else f"{part.strip('-?')} x{n}"
+        else f"{part.strip('-?*')} x{n}"
         for part in layout
     ]
     note = " (vhat: placeholders of shape (1,) without amsgrad)" if "vhat?" in layout else ""
@@ -259,13 +316,24 @@ def weight_specs(opt: Optimizer, params: Params, count: int) -> list[WeightSpec]
     specs = []
     for entry in _entries_for(opt, len(flat), count):
         if entry.leaf is None:
-            specs.append(WeightSpec(entry.name, (), "iu" if entry.name == "iterations" else "f"))
-        elif entry.placeholder:
-            specs.append(WeightSpec(f"{entry.name} placeholder", (1,), "f"))
+            specs.append(WeightSpec(entry.name, (), _SCALARS[entry.name]))
+            continue
+        path, leaf = flat[entry.leaf]
+        shape = _held_shape(entry, np.shape(leaf))
+        if shape is None:
+            specs.append(WeightSpec(f"{entry.name} placeholder", (1,) if entry.placeholder else (), "iuf"))
         else:
-            path, leaf = flat[entry.leaf]
-            specs.append(WeightSpec(f"{entry.name} for params{jax.tree_util.keystr(path)}", np.shape(leaf), "f"))
+            specs.append(WeightSpec(f"{entry.name} for params{jax.tree_util.keystr(path)}", shape, "f"))
     return specs
+
+
+def _held_shape(entry: _Entry, shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The shape of the slot ``entry`` holds for a param of ``shape``; ``None`` for a placeholder."""
+    if entry.placeholder or (entry.factored and len(shape) < 2):
+        return None
+    if entry.factored:  # Adafactor: row moments drop the last axis, column moments the one before it
+        return shape[:-1] if entry.name == "r" else shape[:-2] + shape[-1:]
+    return shape
 
 
 _INT32_MAX = int(np.iinfo(np.int32).max)  # kopt counts steps in int32
@@ -380,9 +448,12 @@ def from_keras_weights(
     per_slot: dict[str, list[Any]] = {}
     for index, (entry, array) in enumerate(zip(entries, arrays, strict=True)):
         if entry.leaf is None:
+            if not np.all(np.isfinite(array)):
+                raise ValueError(f"weights[{index}] ({entry.name}) holds NaN or Inf")
             continue
         k = entry.leaf
-        want = (1,) if entry.placeholder else shapes[k]
+        held_shape = _held_shape(entry, shapes[k])
+        want = held_shape or ((1,) if entry.placeholder else ())
         if array.shape != want:
             hint = ""
             if entry.name == "vhat" and not entry.placeholder and array.shape == (1,) != shapes[k]:
@@ -391,15 +462,29 @@ def from_keras_weights(
                 hint = " (a full vhat: were these weights saved by an Adam with amsgrad=True?)"
             what = "placeholder" if entry.placeholder else f"for params{paths[k]}"
             raise ValueError(f"weights[{index}] ({entry.name} {what}) has shape {array.shape}, expected {want}{hint}")
+        if entry.factored and held_shape is None:  # kopt holds a 0 where Keras holds its placeholder
+            per_slot.setdefault(entry.name, [None] * n)[k] = np.zeros(())
+            continue
         if entry.placeholder:
             continue
         if not np.all(np.isfinite(array)):
             raise ValueError(f"weights[{index}] ({entry.name} for params{paths[k]}) holds NaN or Inf")
         per_slot.setdefault(entry.name, [None] * n)[k] = -array if entry.negated else array
 
-    state = set_slot(opt.init(params), "count", np.asarray(steps))
+    every = _accumulation_steps(opt)
+    state = set_slot(opt.init(params), "count", np.asarray(steps // every))
+    if every > 1:  # Keras 3 counts the calls; kopt counts the steps taken and the calls since the last one
+        state = set_slot(state, "micro_step", np.asarray(steps % every))
     for name, leaves in per_slot.items():
         state = set_slot(state, name, jax.tree.unflatten(treedef, leaves))
+    for name, hyperparam in (("learning_rate", "lr"), ("loss_scale", None), ("good_steps", None)):
+        if name not in held:
+            continue
+        value = held[name]
+        if hyperparam:  # the variable is what Keras steps with, as it restores it
+            state = set_hyperparams(state, **{hyperparam: value})
+        else:
+            state = set_slot(state, name, np.asarray(value))
 
     if opt.class_name == "Nadam":
         if "m_schedule" in held:
@@ -417,6 +502,12 @@ def from_keras_weights(
         raise ValueError(f"m_schedule applies to Nadam only, not {opt.class_name}")
 
     return state
+
+
+def _accumulation_steps(opt: Optimizer) -> int:
+    """Keras 3's ``gradient_accumulation_steps`` (1 without): its saved ``iteration`` counts the calls."""
+    config = opt.config.get("inner_optimizer", {}).get("config", opt.config) if opt.flavor == "keras3" else {}
+    return int(config.get("gradient_accumulation_steps") or 1)
 
 
 def _as_schedule(value: Any) -> np.ndarray:
@@ -458,6 +549,7 @@ def to_keras_weights(opt: Optimizer, state: OptState, *, flavor: str | None = No
     layouts = _layouts(opt)
     _refuse_complex(state, "state")
     names = {"keras": KERAS_LAYOUT, "tf_keras.legacy": LEGACY_LAYOUT, "tf_keras": CURRENT_LAYOUT}
+    names["keras3"] = KERAS3_LAYOUT
     name = next(iter(layouts)) if flavor is None else names.get(flavor)
     if name not in layouts:
         raise ValueError(
@@ -468,8 +560,8 @@ def to_keras_weights(opt: Optimizer, state: OptState, *, flavor: str | None = No
     first: list[np.ndarray] | None = None
     for part in layouts[name]:
         for slot in part if isinstance(part, tuple) else (part,):
-            slot = slot.strip("-?")
-            if slot in ("iterations", "m_schedule") or slot in values:
+            slot = slot.strip("-?*")
+            if slot in _SCALARS or slot in values:
                 continue
             try:
                 value = get_slot(state, slot)
@@ -482,15 +574,27 @@ def to_keras_weights(opt: Optimizer, state: OptState, *, flavor: str | None = No
                 [] if value is None else [np.asarray(leaf) for leaf in jax.device_get(jax.tree.leaves(value))]
             )
             first = values[slot] if first is None and value is not None else first
-    leaves = first or []
+    leaves = first or []  # none: a layout of scalars only (Keras 3's SGD without momentum)
+    keras3 = name == KERAS3_LAYOUT
+    every = _accumulation_steps(opt)
+    steps = int(step_count(state)) * every + (int(get_slot(state, "micro_step")) if every > 1 else 0)
+    scalars = {
+        "iterations": np.asarray(steps, np.int32 if keras3 else np.int64),
+        "wrapper_iterations": np.asarray(0, np.int32),
+        "wrapper_learning_rate": np.asarray(0.0, np.float32),
+    }
     weights: list[np.ndarray] = []
     for entry in _entries(layouts[name], len(leaves)):
-        if entry.name == "iterations":
-            weights.append(np.asarray(int(step_count(state)), np.int64))
-        elif entry.name == "m_schedule":
-            weights.append(np.asarray(jax.device_get(get_slot(state, "m_schedule"))))
+        if entry.name in scalars:
+            weights.append(scalars[entry.name])
+        elif entry.name == "learning_rate":
+            weights.append(np.asarray(jax.device_get(get_hyperparams(state)["lr"])))
+        elif entry.leaf is None:  # m_schedule, loss_scale, good_steps
+            weights.append(np.asarray(jax.device_get(get_slot(state, entry.name))))
         elif entry.placeholder:  # Keras 2.2.4's Adam without amsgrad, in the slots' dtype
             weights.append(np.zeros((1,), leaves[entry.leaf].dtype))
+        elif entry.factored and values[entry.name][entry.leaf].ndim == 0:  # Keras 3's int32 placeholder
+            weights.append(np.zeros((), np.int32))
         else:
             array = values[entry.name][entry.leaf]
             weights.append(-array if entry.negated else array)

@@ -828,9 +828,6 @@ def _schedule_free_adamw(
     return _optimizer("ScheduleFreeAdamW", config, options, [], step=step, decays_inside=True)
 
 
-#: Optimizers Keras 3 has and tf_keras has not, built with the same machinery (for Keras 3 configs).
-KERAS3_ONLY: dict[str, Callable[..., Optimizer]] = {"Lamb": _lamb, "ScheduleFreeAdamW": _schedule_free_adamw}
-
 #: TensorFlow's optimizers by class name.
 OPTIMIZERS: dict[str, Callable[..., Optimizer]] = {
     f.__name__: f for f in (SGD, RMSprop, Adagrad, Adadelta, Adam, Adamax, Nadam, AdamW, Lion, Ftrl, Adafactor)
