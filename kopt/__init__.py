@@ -48,6 +48,7 @@ from kopt.transforms import (
     ScheduleFreeAdamState,
     TraceState,
     UnscaleLossState,
+    WeightDecayFirstState,
     add_decayed_weights,
     ftrl,
     scale_by_adadelta,
@@ -63,6 +64,7 @@ from kopt.transforms import (
     schedule_free_adam,
     trace,
     unscale_loss,
+    weight_decay_first,
 )
 from kopt.wrappers import (
     AccumulateState,
@@ -106,6 +108,7 @@ __all__ = [
     "orthogonalize_by_newton_schulz",
     "ftrl",
     "unscale_loss",
+    "weight_decay_first",
     "dynamic_loss_scale",
     "scale_by_trust_ratio",
     "scale_by_adafactor",
@@ -187,6 +190,7 @@ __all__ = [
     "EmaOverwriteState",
     "FtrlState",
     "UnscaleLossState",
+    "WeightDecayFirstState",
     "DynamicLossScaleState",
     "ScaleByTrustRatioState",
     "OrthogonalizeByNewtonSchulzState",

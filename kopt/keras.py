@@ -113,7 +113,10 @@ _OPTIONS_DOC = """
     ``clipnorm=None``, ``global_clipnorm=None``, ``clipvalue=None`` (at most one
     clip), ``use_ema=False``, ``ema_momentum=0.99``,
     ``ema_overwrite_frequency=None``, ``loss_scale_factor=None``,
-    ``gradient_accumulation_steps=None``, ``name=None``; kopt's ``packed=None``.
+    ``gradient_accumulation_steps=None``, ``name=None``; ``exclude_from_weight_decay=None``
+    (what Keras 3's method ``exclude_from_weight_decay(var_names=...)`` does: a leaf whose name, the last
+    part of its :func:`kopt.keras_variable_path`, any of these patterns is found in is not decayed; never
+    written into the config); kopt's ``packed=None``.
     See :mod:`kopt.keras` for what each does and where."""
 
 
@@ -140,7 +143,8 @@ def _optimizer(class_name: str, rule: Callable[..., Optimizer], arguments: dict[
     clips = [key for key in ("clipnorm", "clipvalue", "global_clipnorm") if common.get(key) is not None]
     if len(clips) > 1:
         raise ValueError(f"{class_name}: give at most one of clipnorm, clipvalue and global_clipnorm, got {clips}")
-    extra = {} if exclude is None else {"exclude_from_weight_decay": exclude}
+    # Keras 3 searches the patterns in the variable's own name (the last part of its path)
+    extra = {} if exclude is None else {"exclude_from_weight_decay": exclude, "variable_names": "keras3"}
     ruled = {key: common[key] for key in ("weight_decay", "clipnorm", "global_clipnorm", "clipvalue") if key in common}
     base = rule(**own, **ruled, **extra, is_legacy_optimizer=False, packed=packed)
     members: list[GradientTransformation] = []
@@ -181,6 +185,7 @@ def SGD(
     loss_scale_factor: float | None = None,
     gradient_accumulation_steps: int | None = None,
     name: str | None = None,
+    exclude_from_weight_decay: Sequence[str] | None = None,
     packed: bool | None = None,
 ) -> Optimizer:
     """Keras 3's SGD: ``v <- momentum*v - lr*g``; ``p <- p + v`` (Nesterov: ``p + momentum*v - lr*g``);
@@ -211,6 +216,7 @@ def RMSprop(
     loss_scale_factor: float | None = None,
     gradient_accumulation_steps: int | None = None,
     name: str | None = None,
+    exclude_from_weight_decay: Sequence[str] | None = None,
     packed: bool | None = None,
 ) -> Optimizer:
     """Keras 3's RMSprop: ``a <- rho*a + (1-rho)*g**2``; ``p <- p - lr * g / sqrt(a + epsilon)``, through a
@@ -239,6 +245,7 @@ def Adagrad(
     loss_scale_factor: float | None = None,
     gradient_accumulation_steps: int | None = None,
     name: str | None = None,
+    exclude_from_weight_decay: Sequence[str] | None = None,
     packed: bool | None = None,
 ) -> Optimizer:
     """Keras 3's Adagrad: ``a <- a + g**2`` from ``initial_accumulator_value``; ``p <- p - lr*g/sqrt(a + eps)``.
@@ -267,6 +274,7 @@ def Adadelta(
     loss_scale_factor: float | None = None,
     gradient_accumulation_steps: int | None = None,
     name: str | None = None,
+    exclude_from_weight_decay: Sequence[str] | None = None,
     packed: bool | None = None,
 ) -> Optimizer:
     """Keras 3's Adadelta: Keras 2.2.4's rule (:func:`kopt.scale_by_adadelta`) times ``learning_rate``.
@@ -296,6 +304,7 @@ def Adam(
     loss_scale_factor: float | None = None,
     gradient_accumulation_steps: int | None = None,
     name: str | None = None,
+    exclude_from_weight_decay: Sequence[str] | None = None,
     packed: bool | None = None,
 ) -> Optimizer:
     """Keras 3's Adam: Keras 2.2.4's rule (:func:`kopt.scale_by_adam`; epsilon meets the uncorrected ``v``).
@@ -325,6 +334,7 @@ def AdamW(
     loss_scale_factor: float | None = None,
     gradient_accumulation_steps: int | None = None,
     name: str | None = None,
+    exclude_from_weight_decay: Sequence[str] | None = None,
     packed: bool | None = None,
 ) -> Optimizer:
     """Keras 3's AdamW: :func:`Adam` with ``p <- p - lr * weight_decay * p`` first (default 0.004).
@@ -353,6 +363,7 @@ def Adamax(
     loss_scale_factor: float | None = None,
     gradient_accumulation_steps: int | None = None,
     name: str | None = None,
+    exclude_from_weight_decay: Sequence[str] | None = None,
     packed: bool | None = None,
 ) -> Optimizer:
     """Keras 3's Adamax: Adam with the infinity norm (:func:`kopt.scale_by_adamax`).
@@ -381,6 +392,7 @@ def Nadam(
     loss_scale_factor: float | None = None,
     gradient_accumulation_steps: int | None = None,
     name: str | None = None,
+    exclude_from_weight_decay: Sequence[str] | None = None,
     packed: bool | None = None,
 ) -> Optimizer:
     """Keras 3's Nadam: Adam with Nesterov momentum and the momentum schedule ``beta_1*(1 - 0.5*0.96**t)``
@@ -413,6 +425,7 @@ def Ftrl(
     loss_scale_factor: float | None = None,
     gradient_accumulation_steps: int | None = None,
     name: str | None = None,
+    exclude_from_weight_decay: Sequence[str] | None = None,
     packed: bool | None = None,
 ) -> Optimizer:
     """Keras 3's FTRL-Proximal (:func:`kopt.ftrl`, the learning rate inside the rule): the variable is set from
@@ -444,6 +457,7 @@ def Adafactor(
     loss_scale_factor: float | None = None,
     gradient_accumulation_steps: int | None = None,
     name: str | None = None,
+    exclude_from_weight_decay: Sequence[str] | None = None,
     packed: bool | None = None,
 ) -> Optimizer:
     """Keras 3's Adafactor (:func:`kopt.scale_by_adafactor`): a factored second moment, a relative step size
@@ -472,6 +486,7 @@ def Lion(
     loss_scale_factor: float | None = None,
     gradient_accumulation_steps: int | None = None,
     name: str | None = None,
+    exclude_from_weight_decay: Sequence[str] | None = None,
     packed: bool | None = None,
 ) -> Optimizer:
     """Keras 3's Lion: ``p <- p - lr * sign(beta_1*m + (1-beta_1)*g)``, then ``m <- beta_2*m + (1-beta_2)*g``
@@ -501,6 +516,7 @@ def Lamb(
     loss_scale_factor: float | None = None,
     gradient_accumulation_steps: int | None = None,
     name: str | None = None,
+    exclude_from_weight_decay: Sequence[str] | None = None,
     packed: bool | None = None,
 ) -> Optimizer:
     """Keras 3's Lamb: Adam's moments with ``epsilon`` on the corrected root
@@ -532,6 +548,7 @@ def ScheduleFreeAdamW(
     loss_scale_factor: float | None = None,
     gradient_accumulation_steps: int | None = None,
     name: str | None = None,
+    exclude_from_weight_decay: Sequence[str] | None = None,
     packed: bool | None = None,
 ) -> Optimizer:
     """Keras 3's ScheduleFreeAdamW (:func:`kopt.schedule_free_adam`, the learning rate inside): Adam steps on

@@ -126,7 +126,8 @@ def test_exclusion_by_tf_keras_name_follows_tf_keras():
     assert back.get_config()["weight_decay"] == pytest.approx(0.5)
 
 
-def test_exclusion_by_keras3_name_follows_keras3_lamb():
+@pytest.mark.parametrize(("name", "arguments"), [("Lamb", {}), ("AdamW", {}), ("SGD", {"momentum": 0.9})])
+def test_exclusion_by_keras3_name_follows_keras3(name, arguments):
     """Keras 3's ``variable.name`` is the last part (``bias``); Lamb's trust ratio reads the decayed norm."""
     keras = pytest.importorskip("keras")
     start, grads = dense_inputs(6)
@@ -135,11 +136,11 @@ def test_exclusion_by_keras3_name_follows_keras3_lamb():
     for variable in layer.trainable_variables:
         variable.assign(start["dense"][variable.name])
     assert sorted(v.name for v in layer.trainable_variables) == ["bias", "kernel"]
-    live = keras.optimizers.Lamb(0.01, weight_decay=0.5)
+    live = getattr(keras.optimizers, name)(0.01, weight_decay=0.5, **arguments)
     live.exclude_from_weight_decay(var_names=["^bias$"])
     live.build(layer.trainable_variables)
-    # kopt.tf_keras' rule of Keras 3's Lamb (kopt.keras.Lamb chains it), in Keras 3's variable names
-    opt = kopt.tf_keras._lamb(0.01, weight_decay=0.5, exclude_from_weight_decay=["^bias$"], variable_names="keras3")
+    opt = getattr(kopt.keras, name)(0.01, weight_decay=0.5, exclude_from_weight_decay=["^bias$"], **arguments)
+    assert "exclude_from_weight_decay" not in kopt.serialize(opt)["config"]  # Keras 3 would refuse the key
     for params, g in zip(kopt_steps(opt, start, grads), grads, strict=True):
         live.apply([g["dense"][v.name] for v in layer.trainable_variables], layer.trainable_variables)
         expected = {"dense": {v.name: np.asarray(v.value) for v in layer.trainable_variables}}
