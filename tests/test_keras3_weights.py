@@ -110,3 +110,34 @@ def test_keras3_variables_both_ways(name):
     fresh.held = [jnp.asarray(w, held.dtype) for held, w in zip(fresh.held, weights, strict=True)]
     expected = kopt_run(step, params, state, grads[BEFORE:])[0]
     assert_same([fresh.step(g) for g in grads[BEFORE:]], expected)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: K.Adam(0.01, use_ema=True, ema_momentum=0.9, gradient_accumulation_steps=2),
+        lambda: K.SGD(0.05, momentum=0.9, weight_decay=0.01),
+        lambda: K.Nadam(0.01, clipnorm=0.5),
+    ],
+    ids=["Adam ema accumulation", "SGD momentum decay", "Nadam clipnorm"],
+)
+def test_kopt_resumes_a_keras3_file(tmp_path, make):
+    """``model.save`` of a Keras 3 model mid-training; ``kopt.load_keras_optimizer`` reads its optimizer (config
+    and variables) and goes on as Keras' uninterrupted run does."""
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2), keras.layers.Dense(1)])
+    model.compile(optimizer=make(), loss="mse")
+    variables = model.trainable_variables
+    model.optimizer.build(variables)
+    rng = np.random.default_rng(11)
+    grads = [[rng.normal(size=v.shape).astype(np.float32) for v in variables] for _ in range(BEFORE + AFTER)]
+    for g in grads[: BEFORE + 1]:  # an odd count: the accumulating optimizer is saved mid-cycle
+        model.optimizer.apply(g, variables)
+    model.save(tmp_path / "model.keras")
+    params = [jnp.asarray(v.value) for v in variables]
+    opt, state = kopt.load_keras_optimizer(tmp_path / "model.keras", params)
+    assert opt.flavor == "keras3"
+    expected = []
+    for g in grads[BEFORE + 1 :]:
+        model.optimizer.apply(g, variables)
+        expected.append([np.asarray(v.value) for v in variables])
+    assert_same(kopt_run(stepper(opt), params, state, grads[BEFORE + 1 :])[0], expected)
