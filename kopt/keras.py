@@ -146,12 +146,16 @@ def _optimizer(class_name: str, rule: Callable[..., Optimizer], arguments: dict[
     # Keras 3 searches the patterns in the variable's own name (the last part of its path)
     extra = {} if exclude is None else {"exclude_from_weight_decay": exclude, "variable_names": "keras3"}
     ruled = {key: common[key] for key in ("weight_decay", "clipnorm", "global_clipnorm", "clipvalue") if key in common}
-    base = rule(**own, **ruled, **extra, is_legacy_optimizer=False, packed=packed)
+    steps = common.get("gradient_accumulation_steps")
+    steps = None if steps is None else check_count("gradient_accumulation_steps", steps)
+    rate = own["learning_rate"]
+    if steps is not None and not isinstance(rate, (int, float)):
+        rate = _at_calls(tf_keras.learning_rate_schedule(rate), steps)
+    base = rule(**{**own, "learning_rate": rate}, **ruled, **extra, is_legacy_optimizer=False, packed=packed)
     members: list[GradientTransformation] = []
     if common.get("loss_scale_factor") is not None:
         members.append(unscale_loss(common["loss_scale_factor"]))
-    steps = common.get("gradient_accumulation_steps")
-    members.append(base if steps is None else accumulate(base, check_count("gradient_accumulation_steps", steps)))
+    members.append(base if steps is None else accumulate(base, steps))
     if check_bool("use_ema", common.get("use_ema", False)):
         momentum = check_hyperparam("ema_momentum", common.get("ema_momentum", 0.99))
         every = common.get("ema_overwrite_frequency")
@@ -163,6 +167,12 @@ def _optimizer(class_name: str, rule: Callable[..., Optimizer], arguments: dict[
     if packed is not None:  # kopt's option, written only when given
         config["packed"] = packed
     return Optimizer(transform, class_name, config, FLAVOR)
+
+
+def _at_calls(schedule: Callable[[jax.Array], jax.Array], every: int) -> Callable[[jax.Array], jax.Array]:
+    """``schedule`` read as Keras 3 reads it under gradient accumulation: at the count of calls, ``every`` a
+    step, the last of them (step ``k``, counted from 0, is taken on call ``k * every + every - 1``)."""
+    return lambda count: schedule(count * every + every - 1)
 
 
 # --------------------------------------------------------------------------- the optimizers

@@ -322,10 +322,15 @@ def _options(class_name: str, learning_rate: Any, options: dict[str, Any]) -> tu
     return learning_rate, {**defaults, **options, "is_legacy_optimizer": False}
 
 
+def learning_rate_schedule(learning_rate: Any) -> LearningRate:
+    """A learning rate as a function of the step count: a Keras schedule config built
+    (:func:`schedule_from_config`), a kopt schedule or function as it is."""
+    return schedule_from_config(learning_rate) if isinstance(learning_rate, Mapping) else learning_rate
+
+
 def _schedule(learning_rate: Any, decay: float) -> LearningRate:
     """The rate ``scale_by_learning_rate`` gets: TF's legacy ``lr / (1 + decay * i)`` or a schedule."""
-    if isinstance(learning_rate, Mapping):
-        learning_rate = schedule_from_config(learning_rate)
+    learning_rate = learning_rate_schedule(learning_rate)
     if callable(learning_rate):
         if check_hyperparam("decay", decay) != 0:
             raise ValueError("decay with a learning-rate schedule is not supported: put the decay in the schedule")

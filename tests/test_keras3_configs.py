@@ -283,3 +283,16 @@ def test_namespace_wrappers_serialize_as_keras3_reads_them():
     assert isinstance(back, keras.optimizers.MultiOptimizer)
     with pytest.raises(ValueError, match="must be a Keras 3 optimizer"):
         kopt.keras.LossScaleOptimizer(kopt.tf_keras.Adam())
+
+
+def test_schedule_under_accumulation_is_read_at_the_call_count():
+    """Keras 3 evaluates a schedule at its call counter, which gradient accumulation advances ``steps`` times a
+    step (while Adam's bias correction counts the steps): kopt reads it there too."""
+    params, grads = inputs(seed=5)
+    rate = keras.optimizers.schedules.ExponentialDecay(0.05, decay_steps=1, decay_rate=0.5)
+    optimizer = keras.optimizers.Adam(rate, gradient_accumulation_steps=2, weight_decay=0.1)
+    opt = kopt.deserialize(keras.optimizers.serialize(optimizer))
+    expected = keras_trajectory(optimizer, params, grads)
+    for step, (a, b) in enumerate(zip(kopt_trajectory(opt, params, grads), expected, strict=True)):
+        for k in SHAPES:
+            np.testing.assert_allclose(a[k], b[k], rtol=2e-5, atol=2e-6, err_msg=f"step {step + 1}, {k}")
