@@ -85,10 +85,15 @@ from kopt.tree import first_complex
 
 __all__ = ["from_keras_weights", "to_keras_weights"]
 
-#: A layout is a list of parts: "iterations", "m_schedule" (scalars), a slot name (one array per
-#: param leaf, in leaf order; "-name": stored negated; "name?": Keras 2.2.4's (1,) placeholders), or
-#: a tuple of slot names (interleaved: the slots of leaf 0, then those of leaf 1, ...).
+#: A layout is a list of parts: a scalar of ``_SCALARS``, a slot name (one array per param leaf, in leaf
+#: order), or a tuple of slot names (interleaved: the slots of leaf 0, then those of leaf 1, ...). A slot
+#: name may end in a mark: "-name" stored negated; "name?" Keras 2.2.4's (1,) placeholders; "name*"
+#: Adafactor's factored moment, an int32 0 placeholder for leaves of fewer than 2 dimensions (Keras 3);
+#: "name+" the same moment left out for those leaves (tf_keras); "name~" held only for the leaves whose
+#: kopt state holds the slot (not None: Muon's momentum for its matrices, Adam's moments for the rest).
 Layout = list
+
+_MARKS = "-?*+~"
 
 KERAS_LAYOUT, LEGACY_LAYOUT, CURRENT_LAYOUT = "Keras 2.2.4", "TensorFlow legacy", "TensorFlow >= 2.11"
 KERAS3_LAYOUT = "Keras 3"
@@ -104,6 +109,9 @@ _SCALARS = {
     "wrapper_iterations": "iu",
     "wrapper_learning_rate": "f",
 }
+
+
+_KERAS_CLASSES = ("SGD", "RMSprop", "Adagrad", "Adadelta", "Adam", "Adamax", "Nadam")
 
 
 def _keras_layout(class_name: str, config: dict[str, Any]) -> Layout:
@@ -153,6 +161,7 @@ def _current_layout(class_name: str, config: dict[str, Any]) -> Layout:
         "Nadam": ["iterations", ("m", "v")],  # TensorFlow does not save its u_product
         "Lion": ["iterations", "m"],
         "Ftrl": ["iterations", ("accumulator", "linear")],
+        "Adafactor": ["iterations", ("r+", "c+", "v")],  # r, c: none for variables of fewer than 2 dimensions
     }[class_name]
     return [layout[0], "average", *layout[1:]] if config.get("use_ema") else layout
 
@@ -173,6 +182,7 @@ def _keras3_slots(class_name: str, config: Mapping[str, Any]) -> Layout:
         "Lion": ["m"],
         "Adafactor": [("r*", "c*", "v")],  # r, c: int32 placeholders for variables of fewer than 2 dimensions
         "ScheduleFreeAdamW": [("z", "v")],
+        "Muon": [("velocity~", "m~", "v~")],  # momentum for its matrices, momentum and velocity for Adam's leaves
     }[class_name]
 
 
@@ -202,23 +212,14 @@ def _layouts(opt: Any) -> dict[str, Layout]:
             f"opt must be a kopt Keras optimizer (SGD, RMSprop, Adagrad, Adadelta, Adam, Adamax, Nadam, "
             f"e.g. kopt.Adam() or kopt.tf_keras.Adam()), got {opt!r}"
         )
-    unread = {
-        "LossScaleOptimizer": "its inner optimizer's, the loss scale and its counter",
-        "LossScaleOptimizerV3": "its inner optimizer's, the loss scale and its counter",
-        "Adafactor": "r and c exist only for variables of 2 or more dimensions",
-    }
-    if opt.class_name in unread and opt.flavor != "keras3":
-        raise ValueError(
-            f"{opt.class_name}'s weights ({unread[opt.class_name]}) are not read or written yet; "
-            "start from opt.init(params)"
-        )
+    if _is_tf_loss_scale(opt):
+        # tf_keras keeps the loss scale and its counter out of get_weights(), variables and saved files
+        return _layouts(_inner_optimizer(opt))
     if opt.flavor == "keras3":
         inner = opt.config.get("inner_optimizer", {})
-        unread = {"MultiOptimizer", "Muon"} & {opt.class_name, inner.get("class_name")}
-        if unread:
+        if "MultiOptimizer" in (opt.class_name, inner.get("class_name")):
             raise ValueError(
-                f"Keras 3's {unread.pop()} optimizer variables are not read or written yet; start from "
-                "opt.init(params)"
+                "Keras 3's MultiOptimizer optimizer variables are not read or written yet; start from opt.init(params)"
             )
         return {KERAS3_LAYOUT: _keras3_layout(opt.class_name, opt.config)}
     if opt.flavor == "tf_keras.legacy":
@@ -229,6 +230,21 @@ def _layouts(opt: Any) -> dict[str, Layout]:
         KERAS_LAYOUT: _keras_layout(opt.class_name, opt.config),
         LEGACY_LAYOUT: _legacy_layout(opt.class_name, opt.config),
     }
+
+
+#: tf_keras' loss-scale optimizers: ``LossScaleOptimizer`` (legacy inner), ``LossScaleOptimizerV3`` (TF >= 2.11).
+LOSS_SCALE_CLASSES = ("LossScaleOptimizer", "LossScaleOptimizerV3")
+
+
+def _inner_optimizer(opt: Optimizer) -> Optimizer:
+    """The kopt optimizer of a tf_keras loss-scale optimizer's ``inner_optimizer`` config."""
+    from kopt.serialization import deserialize  # serialization builds the loss-scale optimizers
+
+    return deserialize(dict(opt.config["inner_optimizer"]))
+
+
+def _is_tf_loss_scale(opt: Optimizer) -> bool:
+    return opt.class_name in LOSS_SCALE_CLASSES and opt.flavor != "keras3"
 
 
 class _Entry(NamedTuple):
@@ -242,53 +258,99 @@ class _Entry(NamedTuple):
     factored: bool = False
 
 
-def _entries(layout: Layout, n: int) -> list[_Entry]:
+def _names(layout: Layout) -> list[str]:
+    """The slot names of ``layout``'s parts, marks kept."""
+    return [name for part in layout if part not in _SCALARS for name in (part if isinstance(part, tuple) else (part,))]
+
+
+def _entries(layout: Layout, held: Sequence[frozenset[str]]) -> list[_Entry]:
+    """The weights of ``layout`` for ``len(held)`` param leaves; ``held[k]``: the names of the optional slots
+    ("name+", "name~") leaf ``k`` has."""
+
     def slot(part: str, leaf: int) -> _Entry:
-        return _Entry(part.strip("-?*"), leaf, part.startswith("-"), part.endswith("?"), part.endswith("*"))
+        factored = part.endswith(("*", "+"))
+        return _Entry(part.strip(_MARKS), leaf, part.startswith("-"), part.endswith("?"), factored)
+
+    def kept(part: str, leaf: int) -> bool:
+        return not part.endswith(("+", "~")) or part.strip(_MARKS) in held[leaf]
 
     entries = []
     for part in layout:
         if part in _SCALARS:
             entries.append(_Entry(part))
         elif isinstance(part, tuple):
-            entries.extend(slot(name, k) for k in range(n) for name in part)
+            entries.extend(slot(name, k) for k in range(len(held)) for name in part if kept(name, k))
         else:
-            entries.extend(slot(part, k) for k in range(n))
+            entries.extend(slot(part, k) for k in range(len(held)) if kept(part, k))
     return entries
 
 
-def _describe(layout: Layout, n: int) -> str:
+def _every(layout: Layout, n: int) -> list[frozenset[str]]:
+    """``held`` for ``n`` leaves holding every optional slot (the most weights ``layout`` may have)."""
+    return [frozenset(name.strip(_MARKS) for name in _names(layout))] * n
+
+
+def _held(layout: Layout, params: Params, opt: Optimizer) -> list[frozenset[str]]:
+    """The optional slots each leaf of ``params`` has: "name+" for 2 or more dimensions, "name~" where
+    ``opt.init(params)`` holds the slot (its shapes only: nothing is allocated)."""
+    leaves, treedef = jax.tree.flatten(params)
+    held = [
+        {name.strip(_MARKS) for name in _names(layout) if name.endswith("+") and np.ndim(leaf) >= 2} for leaf in leaves
+    ]
+    present = {name.strip(_MARKS) for name in _names(layout) if name.endswith("~")}
+    if present:
+        shapes = jax.eval_shape(opt.init, params)
+        for name in present:
+            for k, value in enumerate(treedef.flatten_up_to(get_slot(shapes, name))):
+                if value is not None:
+                    held[k].add(name)
+    return [frozenset(names) for names in held]
+
+
+def _describe(layout: Layout, held: Sequence[frozenset[str]]) -> str:
     """E.g. ``7 weights [iterations, m x2, v x2, vhat x2] (vhat: placeholders ...)``."""
+    n = len(held)
+
+    def name(part: str) -> str:
+        return part.strip(_MARKS) + (" (2+ dims)" if part.endswith("+") else " (if held)" if part.endswith("~") else "")
+
     parts = [
         part
         if part in _SCALARS
-        else f"({', '.join(name.strip('-?*') for name in part)}) x{n}"
+        else f"({', '.join(map(name, part))}) x{n}"
         if isinstance(part, tuple)
-        else f"{part.strip('-?*')} x{n}"
+        else f"{name(part)} x{n}"
         for part in layout
     ]
     note = " (vhat: placeholders of shape (1,) without amsgrad)" if "vhat?" in layout else ""
-    return f"{len(_entries(layout, n))} weights [{', '.join(parts)}]{note}"
+    return f"{len(_entries(layout, held))} weights [{', '.join(parts)}]{note}"
 
 
-def _entries_for(opt: Any, n: int, count: int) -> list[_Entry]:
-    """The entries of ``opt``'s layout with ``count`` weights for ``n`` params; ``ValueError`` naming them if none."""
+def _entries_for(opt: Any, params: Params, count: int) -> list[_Entry]:
+    """The entries of ``opt``'s layout with ``count`` weights for ``params``; ``ValueError`` naming them if none."""
     layouts = _layouts(opt)
-    matching = [layout for layout in layouts.values() if len(_entries(layout, n)) == count]
+    n = len(jax.tree.leaves(params))
+    helds = {name: _held(layout, params, opt) for name, layout in layouts.items()}
+    matching = [name for name, layout in layouts.items() if len(_entries(layout, helds[name])) == count]
     if matching:
-        return _entries(matching[0], n)
+        return _entries(layouts[matching[0]], helds[matching[0]])
     hint = ""
     if not count and n:
         hint = " (Keras returns [] before the optimizer's first step: start from opt.init(params) instead)"
-    elif len(layouts) == 1 and count == len(_entries(_keras_layout(opt.class_name, opt.config), n)):
+    elif (
+        len(layouts) == 1
+        and not _is_tf_loss_scale(opt)
+        and opt.class_name in _KERAS_CLASSES
+        and count == len(_entries(_keras_layout(opt.class_name, opt.config), [frozenset()] * n))
+    ):
         hint = f" (Keras 2.2.4's layout: read it with kopt.{opt.class_name} instead)"
-    expected = " or ".join(f"{_describe(layout, n)} ({name})" for name, layout in layouts.items())
+    expected = " or ".join(f"{_describe(layout, helds[name])} ({name})" for name, layout in layouts.items())
     raise ValueError(f"{opt!r} with {n} parameter arrays expects {expected}, got {count} weights{hint}")
 
 
 def max_weights_per_leaf(opt: Optimizer) -> int:
     """The most saved weights any layout of ``opt`` holds for one parameter array (its scalars included)."""
-    return max(len(_entries(layout, 1)) for layout in _layouts(opt).values())
+    return max(len(_entries(layout, _every(layout, 1))) for layout in _layouts(opt).values())
 
 
 class WeightSpec(NamedTuple):
@@ -314,7 +376,7 @@ def weight_specs(opt: Optimizer, params: Params, count: int) -> list[WeightSpec]
     """
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     specs = []
-    for entry in _entries_for(opt, len(flat), count):
+    for entry in _entries_for(opt, params, count):
         if entry.leaf is None:
             specs.append(WeightSpec(entry.name, (), _SCALARS[entry.name]))
             continue
@@ -385,6 +447,8 @@ def from_keras_weights(
     *,
     iterations: int | None = None,
     m_schedule: float | str = "replay",
+    loss_scale: float | None = None,
+    good_steps: int | None = None,
 ) -> OptState:
     """The kopt state of ``opt`` for ``params`` holding a Keras optimizer's weights.
 
@@ -402,11 +466,19 @@ def from_keras_weights(
     number; see the module docstring. TensorFlow's legacy Nadam stores it
     (``momentum_cache``), and it is then restored exactly.
 
+    ``loss_scale`` and ``good_steps`` (tf_keras' ``LossScaleOptimizer`` and
+    ``LossScaleOptimizerV3`` only, whose weights are their inner optimizer's:
+    ``keras_opt.loss_scale`` and ``keras_opt.dynamic_counter``) give the
+    dynamic loss scale and its count of finite steps; by default they restart
+    at ``initial_scale`` and 0, as ``tf_keras.models.load_model`` does.
+
     Raises ``ValueError`` for a wrong number of weights (naming the expected
     layouts), a weight whose shape differs from its parameter's (naming both),
     Adam ``vhat`` entries that do not fit ``amsgrad``, non-numeric or
     non-finite values, complex params (Keras' weights are real), and an
-    ``iterations`` that is not a whole number in ``[0, 2**31 - 1]``.
+    ``iterations`` that is not a whole number in ``[0, 2**31 - 1]``, a
+    ``loss_scale`` that is not a finite number >= 1 or a ``good_steps`` that is
+    not a whole number of steps.
 
     Example:
         >>> state = from_keras_weights(kopt.RMSprop(decay=1e-4), [kernel, bias],
@@ -419,7 +491,8 @@ def from_keras_weights(
     paths = [jax.tree_util.keystr(path) for path, _ in flat]
     shapes = [tuple(np.shape(leaf)) for _, leaf in flat]
     n = len(flat)
-    entries = _entries_for(opt, n, len(weights))
+    entries = _entries_for(opt, params, len(weights))
+    rule = _inner_optimizer(opt) if opt.class_name in LOSS_SCALE_CLASSES else opt  # the config of the update rule
 
     arrays = []
     for index, weight in enumerate(weights):
@@ -435,9 +508,9 @@ def from_keras_weights(
         steps = _as_iterations(held["iterations"], "weights[0] (iterations)")
     elif iterations is None:
         steps = 0
-        if opt.config.get("decay", 0):
+        if rule.config.get("decay", 0):
             warnings.warn(
-                f"{opt.class_name} weights hold no iterations: the decayed learning rate restarts at step 0. "
+                f"{rule.class_name} weights hold no iterations: the decayed learning rate restarts at step 0. "
                 "Pass iterations=K.get_value(keras_optimizer.iterations) to continue the schedule.",
                 UserWarning,
                 stacklevel=2,
@@ -463,7 +536,6 @@ def from_keras_weights(
             what = "placeholder" if entry.placeholder else f"for params{paths[k]}"
             raise ValueError(f"weights[{index}] ({entry.name} {what}) has shape {array.shape}, expected {want}{hint}")
         if entry.factored and held_shape is None:  # kopt holds a 0 where Keras holds its placeholder
-            per_slot.setdefault(entry.name, [None] * n)[k] = np.zeros(())
             continue
         if entry.placeholder:
             continue
@@ -475,8 +547,18 @@ def from_keras_weights(
     state = set_slot(opt.init(params), "count", np.asarray(steps // every))
     if every > 1:  # Keras 3 counts the calls; kopt counts the steps taken and the calls since the last one
         state = set_slot(state, "micro_step", np.asarray(steps % every))
-    for name, leaves in per_slot.items():
+    for name in {entry.name for entry in entries if entry.factored}:  # kopt's 0 where Keras has no factor
+        per_slot[name] = [np.zeros(()) if leaf is None else leaf for leaf in per_slot.get(name, [None] * n)]
+    for name, leaves in per_slot.items():  # None: a leaf without this slot ("name~": kopt holds None too)
         state = set_slot(state, name, jax.tree.unflatten(treedef, leaves))
+    if _is_tf_loss_scale(opt):
+        if loss_scale is not None:
+            held["loss_scale"] = _as_loss_scale(loss_scale)
+        if good_steps is not None:
+            held["good_steps"] = np.asarray(_as_iterations(good_steps, "good_steps"))
+    elif loss_scale is not None or good_steps is not None:
+        where = "these weights hold them" if "loss_scale" in held else "it is not a tf_keras loss-scale optimizer"
+        raise ValueError(f"loss_scale= and good_steps= apply to tf_keras' LossScaleOptimizer only: {where}")
     for name, hyperparam in (("learning_rate", "lr"), ("loss_scale", None), ("good_steps", None)):
         if name not in held:
             continue
@@ -486,7 +568,7 @@ def from_keras_weights(
         else:
             state = set_slot(state, name, np.asarray(value))
 
-    if opt.class_name == "Nadam":
+    if rule.class_name == "Nadam":
         if "m_schedule" in held:
             if not (isinstance(m_schedule, str) and m_schedule == "replay"):
                 raise ValueError("these Nadam weights hold m_schedule (TensorFlow's momentum_cache); do not pass it")
@@ -494,14 +576,21 @@ def from_keras_weights(
         elif isinstance(m_schedule, str):
             if m_schedule not in ("replay", "reset"):
                 raise ValueError(f"m_schedule must be 'replay', 'reset' or a number, got {m_schedule!r}")
-            schedule_value = _replayed_m_schedule(opt, params, steps) if m_schedule == "replay" else np.asarray(1.0)
+            schedule_value = _replayed_m_schedule(rule, params, steps) if m_schedule == "replay" else np.asarray(1.0)
         else:
             schedule_value = _as_schedule(m_schedule)
         state = set_slot(state, "m_schedule", np.asarray(schedule_value))
     elif not (isinstance(m_schedule, str) and m_schedule == "replay"):
-        raise ValueError(f"m_schedule applies to Nadam only, not {opt.class_name}")
+        raise ValueError(f"m_schedule applies to Nadam only, not {rule.class_name}")
 
     return state
+
+
+def _as_loss_scale(value: Any) -> np.ndarray:
+    array = np.asarray(value)
+    if array.shape != () or array.dtype.kind not in "iuf" or not np.isfinite(array) or array < 1:
+        raise ValueError(f"loss_scale must be a finite number >= 1 (tf_keras' floor), got {value!r}")
+    return array
 
 
 def _accumulation_steps(opt: Optimizer) -> int:
@@ -543,6 +632,12 @@ def to_keras_weights(opt: Optimizer, state: OptState, *, flavor: str | None = No
     made by an optimizer of ``opt``'s kind, or holds complex slots (Keras'
     weights are real).
 
+    A tf_keras loss-scale optimizer's list is its inner optimizer's; its scale
+    and counter (``get_slot(state, "loss_scale")``, ``"good_steps"``) have no
+    public setter in tf_keras: they are the variables
+    ``keras_opt._loss_scale.current_loss_scale`` and ``.counter``, which a
+    ``tf.train.Checkpoint`` of the optimizer saves and restores.
+
     Example:
         >>> keras_opt.set_weights(to_keras_weights(opt, state))  # doctest: +SKIP
     """
@@ -556,11 +651,15 @@ def to_keras_weights(opt: Optimizer, state: OptState, *, flavor: str | None = No
             f"flavor {flavor!r} is not a weight layout of {opt!r}; choose from "
             f"{', '.join(repr(key) for key, value in names.items() if value in layouts)}"
         )
-    values: dict[str, list[np.ndarray]] = {}
-    first: list[np.ndarray] | None = None
-    for part in layouts[name]:
+    layout = layouts[name]
+    # "name~" slots hold None for some leaves: every slot is then flattened with those Nones kept, aligned
+    optional = any(slot.endswith("~") for slot in _names(layout))
+    flatten = (lambda tree: jax.tree.leaves(tree, is_leaf=lambda x: x is None)) if optional else jax.tree.leaves
+    values: dict[str, list[Any]] = {}
+    first: list[Any] | None = None
+    for part in layout:
         for slot in part if isinstance(part, tuple) else (part,):
-            slot = slot.strip("-?*")
+            slot = slot.strip(_MARKS)
             if slot in _SCALARS or slot in values:
                 continue
             try:
@@ -570,11 +669,19 @@ def to_keras_weights(opt: Optimizer, state: OptState, *, flavor: str | None = No
             if slot == "vhat" and (value is None) == bool(opt.config.get("amsgrad")):
                 held = "no vhat" if value is None else "a vhat"
                 raise ValueError(f"this state holds {held}, but {opt!r} has amsgrad={opt.config.get('amsgrad')}")
-            values[slot] = (
-                [] if value is None else [np.asarray(leaf) for leaf in jax.device_get(jax.tree.leaves(value))]
-            )
+            values[slot] = [] if value is None else [None if x is None else np.asarray(x) for x in flatten(value)]
             first = values[slot] if first is None and value is not None else first
     leaves = first or []  # none: a layout of scalars only (Keras 3's SGD without momentum)
+    # The optional slots of each leaf: "name+" where kopt holds a factor (not its 0), "name~" where not None.
+    held = [
+        frozenset(
+            slot.strip(_MARKS)
+            for slot in _names(layout)
+            if (slot.endswith("+") and np.ndim(values[slot.strip(_MARKS)][k]) > 0)
+            or (slot.endswith("~") and values[slot.strip(_MARKS)][k] is not None)
+        )
+        for k in range(len(leaves))
+    ]
     keras3 = name == KERAS3_LAYOUT
     every = _accumulation_steps(opt)
     steps = int(step_count(state)) * every + (int(get_slot(state, "micro_step")) if every > 1 else 0)
@@ -584,7 +691,7 @@ def to_keras_weights(opt: Optimizer, state: OptState, *, flavor: str | None = No
         "wrapper_learning_rate": np.asarray(0.0, np.float32),
     }
     weights: list[np.ndarray] = []
-    for entry in _entries(layouts[name], len(leaves)):
+    for entry in _entries(layout, held):
         if entry.name in scalars:
             weights.append(scalars[entry.name])
         elif entry.name == "learning_rate":
