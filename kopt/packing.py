@@ -88,7 +88,11 @@ def _has_metadata(node: Any) -> bool:
 
 def _outline(tree: Any) -> Any:
     """``tree``'s structure with each variable (a node carrying metadata) as one leaf: the params given to
-    ``init`` and the updates then agree whether or not they wrap their arrays in variables."""
+    ``init`` and the updates then agree whether or not they wrap their arrays in variables (a variable
+    holding no array, as ``kopt.partition`` leaves one it hides, is no leaf: ``None``)."""
+    tree = jax.tree.map(
+        lambda node: None if _has_metadata(node) and not jax.tree.leaves(node) else node, tree, is_leaf=_has_metadata
+    )
     return jax.tree.structure(tree, is_leaf=_has_metadata)
 
 
