@@ -30,6 +30,9 @@ What TensorFlow 2.21 leaves out, and what kopt does (the same as
   depends on the number of variables). kopt replays the product from the step
   count instead, which continues the uninterrupted run (``m_schedule=`` as in
   :func:`kopt.from_keras_weights`).
+* A loss-scale optimizer (``LossScaleOptimizer``, ``LossScaleOptimizerV3``: what a
+  ``mixed_float16`` model compiled with a name such as ``"adam"`` gets) saves its inner
+  optimizer's weights only: the loss scale restarts at ``initial_scale`` and its counter at 0.
 
 ``h5py`` is needed (``pip install kopt[keras]`` or ``pip install h5py``); kopt
 does not depend on it otherwise.

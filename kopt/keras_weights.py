@@ -25,8 +25,21 @@ them leaf by leaf (TF >= 2.11's ``optimizer.variables``, as in ``.keras`` files)
                                                                   TF >= 2.11: interleaved, no momentum_cache)
     Lion      [iterations, m_1..n]                               (TF >= 2.13 only)
     Ftrl      [iterations, accumulator_1, linear_1, accumulator_2, ...]   (both generations)
+    Adafactor [iterations, r_1, c_1, v_1, v_2, r_3, ...]         (TF >= 2.11 only; r, c: none for
+                                                                  variables of fewer than 2 dimensions)
 
 With ``use_ema`` (TF >= 2.11), ``average_1..n`` follow ``iterations``.
+
+tf_keras' ``LossScaleOptimizer`` (legacy inner) and ``LossScaleOptimizerV3`` (TF >= 2.11 inner) hold
+their inner optimizer's weights only, in its layout (``get_weights()``, ``variables``, ``.h5`` and
+``.keras`` files alike): the loss scale and its count of finite steps (``current_loss_scale``,
+``counter``) are saved by ``tf.train.Checkpoint`` only. ``from_keras_weights`` takes them as
+``loss_scale=`` and ``good_steps=`` (``keras_opt.loss_scale``, ``keras_opt.dynamic_counter``); without
+them they restart at ``initial_scale`` and 0, as ``tf_keras.models.load_model`` restarts them.
+
+Keras 3 (``flavor="keras3"``, ``optimizer.variables``): ``iteration``, ``learning_rate``, then as
+``_keras3_layout`` says; Muon holds ``momentum`` for its matrices and ``momentum, velocity`` for its
+Adam variables, interleaved variable by variable.
 
 ``kopt.X`` reads Keras 2.2.4's layout and TensorFlow's legacy one (the counts
 tell them apart; where they are equal, so are the layouts), ``kopt.tf_keras.X``
