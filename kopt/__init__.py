@@ -12,8 +12,9 @@ from kopt.base import EmptyState, GradientTransformation, apply_updates, chain, 
 from kopt.checkpoint import CheckpointCorruptedError, load_state, read_checkpoint_header, save_state
 from kopt.clipping import ClipState, clip_by_global_norm, clip_by_norm, clip_by_value
 from kopt.groups import MaskedState, PartitionState, masked, partition
-from kopt.keras_files import KerasFileError, load_keras_optimizer
-from kopt.keras_weights import from_keras_weights, to_keras_weights
+from kopt.keras_io.configs import deserialize, get, keras_variable_path, serialize
+from kopt.keras_io.files import KerasFileError, load_keras_optimizer
+from kopt.keras_io.weights import from_keras_weights, to_keras_weights
 from kopt.optimizers import SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, Nadam, Optimizer, RMSprop
 from kopt.orthogonal import OrthogonalizeByNewtonSchulzState, orthogonalize_by_newton_schulz
 from kopt.packing import PackedArrays, PackedState, packed
@@ -29,7 +30,6 @@ from kopt.schedules import (
     piecewise_constant,
     polynomial_decay,
 )
-from kopt.serialization import deserialize, get, keras_variable_path, serialize
 from kopt.sharding import init_shardings, state_shardings
 from kopt.state import get_hyperparams, get_slot, iterations, set_hyperparams, set_slot, slot_names
 from kopt.training import train_step

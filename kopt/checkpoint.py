@@ -147,8 +147,8 @@ def _normalized_config(config: Any) -> dict[str, Any] | None:
     """``config`` (a :func:`kopt.serialize` dict, or an optimizer) as plain JSON data."""
     if config is None:
         return None
+    from kopt.keras_io.configs import serialize
     from kopt.optimizers import Optimizer  # kopt.optimizers does not import this module: no cycle
-    from kopt.serialization import serialize
 
     if isinstance(config, Optimizer):
         config = serialize(config)

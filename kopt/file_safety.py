@@ -1,7 +1,7 @@
 """Reading files from strangers: bounded JSON, bounded zip members, no special files.
 
 The one place that knows how kopt reads untrusted bytes; :mod:`kopt.checkpoint`
-and :mod:`kopt.keras_files` use it, and ``docs/threat_model.md`` states what it
+and :mod:`kopt.keras_io.files` use it, and ``docs/threat_model.md`` states what it
 promises. Every check runs *before* the bytes it guards are read, so a file
 that declares more than its reader needs is refused at the cost of reading its
 metadata, not its data. The helpers raise plain ``ValueError`` saying what

@@ -643,7 +643,7 @@ def MultiOptimizer(
         >>> opt = kopt.keras.MultiOptimizer(
         ...     kopt.keras.OptimizerMap(kopt.keras.Adam(), {"head/.*": kopt.keras.SGD(0.1)}))
     """
-    from kopt.serialization import check_pattern, keras_variable_path  # serialization routes configs here
+    from kopt.keras_io.configs import check_pattern, keras_variable_path  # serialization routes configs here
 
     patterns = dict(optimizer_map.optimizer_map)
     for pattern in patterns:
@@ -745,7 +745,7 @@ def muon_labels(exclude_layers: Sequence[str] = (), exclude_embeddings: bool = T
         {'dense': {'bias': 'adamw', 'kernel': 'muon'}, 'embedding': {'embeddings': 'adamw'},
          'head': {'kernel': 'adamw'}}
     """
-    from kopt.serialization import check_pattern, keras_variable_path  # serialization routes configs here
+    from kopt.keras_io.configs import check_pattern, keras_variable_path  # serialization routes configs here
 
     if isinstance(exclude_layers, str) or not isinstance(exclude_layers, Sequence):
         raise ValueError(f"exclude_layers must be a list of patterns, got {shorten(exclude_layers)}")

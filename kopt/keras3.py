@@ -48,7 +48,7 @@ import keras
 import numpy as np
 
 from kopt.base import GradientTransformation, OptState, apply_updates
-from kopt.serialization import deserialize, serialize
+from kopt.keras_io.configs import deserialize, serialize
 from kopt.state import get_hyperparams, set_hyperparams
 
 TREES = ("list", "path")

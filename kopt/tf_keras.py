@@ -365,8 +365,8 @@ def _excluded_from_decay(patterns: Any, variable_names: Any) -> Callable[[Any], 
     ``exclude_from_weight_decay`` is found (``re.search``) in the Keras name of the leaf's variable (see
     :data:`VARIABLE_NAMES`), as Keras' ``optimizer.exclude_from_weight_decay(var_names=patterns)`` does;
     ``None`` (decay all) without patterns."""
-    # Not at the top: kopt.serialization imports this module.
-    from kopt.serialization import check_pattern, keras_variable_path
+    # Not at the top: kopt.keras_io.configs imports this module.
+    from kopt.keras_io.configs import check_pattern, keras_variable_path
 
     if variable_names not in VARIABLE_NAMES:
         raise ValueError(

@@ -35,7 +35,7 @@ from hypothesis import strategies as st
 
 import kopt
 from kopt import file_safety
-from kopt.keras_files import weights_member_limit
+from kopt.keras_io.files import weights_member_limit
 
 h5py = pytest.importorskip("h5py")
 

@@ -143,10 +143,10 @@ def test_keras3_config_follows_keras3(name, option):
 
 def test_keras3_config_is_told_from_tf_keras_and_keras2():
     config = keras.optimizers.serialize(keras.optimizers.Adam(0.01))
-    assert kopt.serialization.config_flavor(config) == "keras3"
+    assert kopt.keras_io.configs.config_flavor(config) == "keras3"
     tf_keras_like = {**config, "config": {**config["config"], "is_legacy_optimizer": False}}
-    assert kopt.serialization.config_flavor(tf_keras_like) == "tf_keras"  # only TensorFlow writes the key
-    assert kopt.serialization.config_flavor({"class_name": "Adam", "config": {"lr": 0.1}}) == "keras"
+    assert kopt.keras_io.configs.config_flavor(tf_keras_like) == "tf_keras"  # only TensorFlow writes the key
+    assert kopt.keras_io.configs.config_flavor({"class_name": "Adam", "config": {"lr": 0.1}}) == "keras"
     chex.assert_trees_all_close(kopt.deserialize(config).config["learning_rate"], np.float32(0.01))
 
 

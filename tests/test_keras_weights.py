@@ -1,4 +1,4 @@
-"""kopt.keras_weights: Keras 2 get_weights() lists in and out, checked against the spec's layouts and the reference.
+"""kopt.keras_io.weights: Keras 2 get_weights() lists in and out, checked against the spec's layouts and the reference.
 
 The Keras lists here are assembled by hand from the NumPy reference
 (``tests/reference.py``) following the spec's §2-§8 layouts, independently of
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import kopt
-from kopt.keras_weights import from_keras_weights, to_keras_weights
+from kopt.keras_io.weights import from_keras_weights, to_keras_weights
 from tests import reference
 from tests.matching import SLOTS
 

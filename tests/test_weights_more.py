@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import kopt
-from kopt.keras_weights import weight_specs
+from kopt.keras_io.weights import weight_specs
 from tests.stepping import LIVE
 
 SHAPES = [(3, 2), (2,), (2, 2, 3)]  # a kernel, a bias and a 3-D variable (Adafactor factors its last two axes)

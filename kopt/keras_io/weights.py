@@ -50,7 +50,7 @@ build ``params`` so that this order is Keras' ``model.trainable_weights``
 order (a list does it; a dict is ordered by sorted keys). Shapes are checked.
 
     >>> import numpy as np, jax.numpy as jnp, kopt
-    >>> from kopt.keras_weights import from_keras_weights, to_keras_weights
+    >>> from kopt.keras_io.weights import from_keras_weights, to_keras_weights
     >>> opt = kopt.Adam(lr=1e-3)
     >>> params = [jnp.zeros((2, 3)), jnp.zeros(3)]                # kernel, bias
     >>> weights = [np.int64(7), np.ones((2, 3)), np.ones(3), np.ones((2, 3)), np.ones(3),
@@ -251,7 +251,7 @@ LOSS_SCALE_CLASSES = ("LossScaleOptimizer", "LossScaleOptimizerV3")
 
 def _inner_optimizer(opt: Optimizer) -> Optimizer:
     """The kopt optimizer of a tf_keras loss-scale optimizer's ``inner_optimizer`` config."""
-    from kopt.serialization import deserialize  # serialization builds the loss-scale optimizers
+    from kopt.keras_io.configs import deserialize  # configs builds the loss-scale optimizers
 
     return deserialize(dict(opt.config["inner_optimizer"]))
 

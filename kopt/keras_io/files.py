@@ -53,9 +53,9 @@ import numpy as np
 
 from kopt import file_safety
 from kopt.base import OptState, Params
-from kopt.keras_weights import WeightSpec, from_keras_weights, max_weights_per_leaf, weight_specs
+from kopt.keras_io.configs import deserialize
+from kopt.keras_io.weights import WeightSpec, from_keras_weights, max_weights_per_leaf, weight_specs
 from kopt.optimizers import Optimizer
-from kopt.serialization import deserialize
 
 __all__ = ["KerasFileError", "load_keras_optimizer"]
 
