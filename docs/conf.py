@@ -59,6 +59,7 @@ autodoc_preserve_defaults = True
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 add_module_names = False
+add_function_parentheses = False  # {func}`kopt.SGD` (lr=0.01, ...) reads as the call it describes
 
 # Cross-references: kopt's own must resolve (nitpicky); the types of other packages that appear in
 # signatures (jax, numpy, optax, keras, typing, collections.abc) have no inventory here (the build runs
@@ -90,6 +91,12 @@ html_theme_options = {
     "use_download_button": True,
 }
 html_last_updated_fmt = None
+
+# Math renders with MathJax from its CDN (as jax's and optax's sites do). Offline, point KOPT_DOCS_MATHJAX at
+# a local MathJax 3 ``es5`` folder (``npm pack mathjax@3``, then ``package/es5``): it is copied into the site.
+if os.environ.get("KOPT_DOCS_MATHJAX"):
+    html_static_path.append(os.environ["KOPT_DOCS_MATHJAX"])
+    mathjax_path = "tex-mml-chtml.js"
 
 
 # ------------------------------------------------------------------------------------------- generators
