@@ -282,7 +282,16 @@ def _whole(flat: Any) -> Any:
 
 def _concatenated(leaves: list, padding: int) -> jax.Array:
     parts = [jnp.ravel(leaf) for leaf in leaves]
-    return jnp.concatenate([*parts, jnp.zeros(padding, jnp.result_type(*parts))] if padding else parts)
+    dtype = jnp.result_type(*parts)
+    if dtype in _HALF_BITS:
+        # XLA:CPU concatenates 16-bit floats in float32 (its float normalization): a buffer twice their size.
+        # Their bit patterns, joined as integers, make the same buffer at their own size, on every backend.
+        bits = [jax.lax.bitcast_convert_type(part.astype(dtype), _HALF_BITS[dtype]) for part in parts]
+        return jax.lax.bitcast_convert_type(_concatenated(bits, padding), dtype)
+    return jnp.concatenate([*parts, jnp.zeros(padding, dtype)] if padding else parts)
+
+
+_HALF_BITS = {jnp.dtype(jnp.bfloat16): jnp.uint16, jnp.dtype(jnp.float16): jnp.uint16}
 
 
 @jax.tree_util.register_pytree_with_keys_class
