@@ -701,9 +701,12 @@ class MuonAdamShareState(NamedTuple):
     hyperparams: dict[str, jax.Array]
 
 
-def _adam_share(adam_lr_ratio: float, adam_weight_decay: float | None) -> GradientTransformation:
+def _adam_share(
+    adam_lr_ratio: float, adam_weight_decay: float | None, decays: Callable[[Any], Any] | None = None
+) -> GradientTransformation:
     """Muon's AdamW leaves, before the shared learning rate: ``u <- adam_lr_ratio * u + adam_weight_decay * p``.
-    Keras 3 steps them at ``adam_lr_ratio`` times the rate but decays them at the rate itself."""
+    Keras 3 steps them at ``adam_lr_ratio`` times the rate but decays them at the rate itself. ``decays``:
+    a function of the params giving ``False`` for the leaves excluded from the decay."""
     values = {"adam_lr_ratio": check_hyperparam("adam_lr_ratio", adam_lr_ratio)}
     if adam_weight_decay is not None:  # None: Keras 3 skips the decay
         values["adam_weight_decay"] = check_hyperparam("adam_weight_decay", adam_weight_decay)
@@ -720,7 +723,13 @@ def _adam_share(adam_lr_ratio: float, adam_weight_decay: float | None) -> Gradie
             return updates, MuonAdamShareState(hp)
         needs_params(params, "Muon(adam_weight_decay=...)")
         share = (hp["adam_lr_ratio"], hp["adam_weight_decay"])
-        updates, _ = map_arrays(lambda u, p: (share[0] * u + share[1] * p, p), updates, params)
+        if decays is None:
+            updates, _ = map_arrays(lambda u, p: (share[0] * u + share[1] * p, p), updates, params)
+        else:  # leaf by leaf (Muon keeps its leaves apart): the excluded ones are only scaled
+            keep = decays(params)
+            updates = jax.tree.map(
+                lambda u, p, k: share[0] * u + share[1] * p if k else share[0] * u, updates, params, keep
+            )
         return updates, MuonAdamShareState(hp)
 
     return GradientTransformation(init, update)
@@ -779,9 +788,12 @@ def _muon_rule(
     rms_rate: float | None,
     weight_decay: float | None = None,
     packed: bool | None = None,
+    exclude_from_weight_decay: Sequence[str] | None = None,
+    variable_names: str = "keras3",
     **options: Any,
 ) -> Optimizer:
     """Muon's rule in :func:`kopt.tf_keras`'s form: clipping, the two groups, the learning rate shared."""
+    decays = tf_keras._excluded_from_decay(exclude_from_weight_decay, variable_names)
     if packed:
         raise ValueError("Muon(packed=True): its matrix step and its groups work leaf by leaf; it cannot be packed")
     matrices = [
@@ -789,8 +801,10 @@ def _muon_rule(
         orthogonalize_by_newton_schulz(ns_steps, (muon_a, muon_b, muon_c), rms_rate=rms_rate),
     ]
     if weight_decay is not None:  # Keras 3 decays the Muon variables at the rate, before the step
-        matrices.append(add_decayed_weights(weight_decay))
-    others = chain(scale_by_adam(adam_beta_1, adam_beta_2, epsilon), _adam_share(adam_lr_ratio, adam_weight_decay))
+        matrices.append(add_decayed_weights(weight_decay, mask=decays))
+    others = chain(
+        scale_by_adam(adam_beta_1, adam_beta_2, epsilon), _adam_share(adam_lr_ratio, adam_weight_decay, decays)
+    )
     groups = partition({"muon": chain(*matrices), "adamw": others}, muon_labels(exclude_layers, exclude_embeddings))
     learning_rate, options = tf_keras._options("Muon", learning_rate, {**options, "is_legacy_optimizer": False})
     # The weight decay is inside the groups (each its own), so the shared chain is given none.
@@ -825,6 +839,7 @@ def Muon(
     nesterov: bool = True,
     rms_rate: float | None = 0.2,
     *,
+    exclude_from_weight_decay: Sequence[str] | None = None,
     packed: bool | None = None,
 ) -> Optimizer:
     """Keras 3's Muon: orthogonalised momentum for the weight matrices, AdamW for everything else.
@@ -843,11 +858,12 @@ def Muon(
         p <- p - lr_i*adam_weight_decay*p - lr_i*adam_lr_ratio * c_t * m / (sqrt(v) + epsilon)
 
     with Adam's ``m``, ``v`` (``adam_beta_1``, ``adam_beta_2``) and ``c_t = sqrt(1 - beta_2**t) / (1 - beta_1**t)``.
-    A ``None`` decay is off; ``rms_rate=None`` leaves ``NS(G)`` unscaled. Clipping, ``loss_scale_factor``,
-    accumulation and the EMA are every Keras 3 optimizer's (see :mod:`kopt.keras`). Leaves keep their own
-    state (the matrix step is per leaf): ``packed=True`` is refused, ``None`` (the default) and ``False`` keep
-    them apart. Patterns are checked as :func:`MultiOptimizer`'s (they may come from a file). Defaults are
-    Keras 3.15's.
+    A ``None`` decay is off; ``rms_rate=None`` leaves ``NS(G)`` unscaled; ``exclude_from_weight_decay`` turns both
+    decays off for the leaves it names (as for every Keras 3 optimizer, see :mod:`kopt.keras`). Clipping,
+    ``loss_scale_factor``, accumulation and the EMA are every Keras 3 optimizer's (see :mod:`kopt.keras`).
+    Leaves keep their own state (the matrix step is per leaf): ``packed=True`` is refused, ``None`` (the
+    default) and ``False`` keep them apart. Patterns are checked as :func:`MultiOptimizer`'s (they may come
+    from a file). Defaults are Keras 3.15's.
 
     Example:
         >>> import jax.numpy as jnp, kopt

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
+import kopt
+
 for module in ("sphinx", "myst_nb", "sphinx_book_theme"):
     pytest.importorskip(module, reason="the docs extra is not installed")
-
-import kopt
 
 ROOT = Path(__file__).resolve().parent.parent
 

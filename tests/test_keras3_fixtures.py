@@ -39,9 +39,7 @@ VARIABLES = json.loads((FIXTURES / "variables.json").read_text())
 MODELS = json.loads((FIXTURES / "models.json").read_text())
 
 #: Cases kopt refuses today (a ValueError naming what it cannot do), by section and case id: strict xfails.
-NOT_YET: dict[str, str] = {
-    "A/Muon_weight_decay_exclude_bias": "kopt.keras.Muon takes no exclude_from_weight_decay= keyword yet",
-}
+NOT_YET: dict[str, str] = {}
 
 
 _UNTRACKED = (
@@ -57,13 +55,10 @@ KERAS_QUIRKS: dict[str, tuple[type[Exception], str]] = {
         + "its stateless_apply (the JAX trainer's path) never advances u_product, so Keras' steps 2.. are not Nadam's",
     ),
     "B-resume/Nadam_loss_scale": (
-        ValueError,
-        _UNTRACKED.format("Nadam", "u_product") + "20 variables, kopt's Keras 3 reader expects 21",
-    ),
-    "B-resume/Adafactor_loss_scale": (
-        ValueError,
-        _UNTRACKED.format("Adafactor", "the int32 placeholders of 1-D variables")
-        + "21 variables, kopt's Keras 3 reader expects 27",
+        AssertionError,
+        _UNTRACKED.format("Nadam", "u_product")
+        + "kopt resumes the Nadam the saved step count implies (its u_product replayed); Keras goes on with a "
+        "u_product that never advanced",
     ),
 }
 

@@ -179,7 +179,11 @@ def _current_layout(class_name: str, config: dict[str, Any]) -> Layout:
     return [layout[0], "average", *layout[1:]] if config.get("use_ema") else layout
 
 
-def _keras3_slots(class_name: str, config: Mapping[str, Any]) -> Layout:
+def _keras3_slots(class_name: str, config: Mapping[str, Any], wrapped: bool = False) -> Layout:
+    """``wrapped``: inside a LossScaleOptimizer, whose ``variables`` list only the inner optimizer's slot
+    variables (Nadam's ``u_product`` and Adafactor's int32 placeholders are not among them)."""
+    if wrapped and class_name in ("Nadam", "Adafactor"):
+        return [("m", "v")] if class_name == "Nadam" else [("r+", "c+", "v")]
     adam = [("m", "v")] + (["vhat"] if config.get("amsgrad") else [])
     return {
         "SGD": ["velocity"] if config.get("momentum", 0) != 0 else [],  # Keras 3 keeps none without momentum
@@ -199,7 +203,7 @@ def _keras3_slots(class_name: str, config: Mapping[str, Any]) -> Layout:
     }[class_name]
 
 
-def _keras3_layout(class_name: str, config: Mapping[str, Any]) -> Layout:
+def _keras3_layout(class_name: str, config: Mapping[str, Any], wrapped: bool = False) -> Layout:
     """Keras 3's ``optimizer.variables`` (what ``.keras`` files hold under ``optimizer/vars``): ``iteration``
     (the calls, accumulating ones too), the ``learning_rate`` variable (none with a schedule), the moving
     averages (``use_ema``), the gradient accumulators, then the rule's slots; a LossScaleOptimizer's own
@@ -207,14 +211,14 @@ def _keras3_layout(class_name: str, config: Mapping[str, Any]) -> Layout:
     if class_name == "LossScaleOptimizer":
         inner = config["inner_optimizer"]
         wrapper = ["wrapper_iterations", "wrapper_learning_rate", "good_steps", "loss_scale"]
-        return wrapper + _keras3_layout(inner["class_name"], inner["config"])
+        return wrapper + _keras3_layout(inner["class_name"], inner["config"], wrapped=True)
     rate = config.get("learning_rate")
     return [
         "iterations",
         *(["learning_rate"] if isinstance(rate, (int, float)) else []),
         *(["average"] if config.get("use_ema") else []),
         *(["grad_sum"] if config.get("gradient_accumulation_steps") else []),
-        *_keras3_slots(class_name, config),
+        *_keras3_slots(class_name, config, wrapped),
     ]
 
 
