@@ -60,7 +60,7 @@ from kopt.averaging import ema_overwrite
 from kopt.base import GradientTransformation, chain, expects
 from kopt.file_safety import shorten
 from kopt.groups import partition
-from kopt.optimizers import Optimizer
+from kopt.optimizers import Optimizer, with_options_doc
 from kopt.orthogonal import orthogonalize_by_newton_schulz
 from kopt.state import current_hyperparams, init_hyperparams
 from kopt.transforms import add_decayed_weights, scale_by_adam, trace, unscale_loss
@@ -120,10 +120,7 @@ _OPTIONS_DOC = """
     See :mod:`kopt.keras` for what each does and where."""
 
 
-def _documented(constructor: Callable[..., Optimizer]) -> Callable[..., Optimizer]:
-    """Appends the shared options' documentation (one text for every constructor) to the docstring."""
-    constructor.__doc__ = (constructor.__doc__ or "").rstrip() + "\n" + _OPTIONS_DOC
-    return constructor
+_documented = with_options_doc(_OPTIONS_DOC)
 
 
 def keras_name(class_name: str) -> str:

@@ -47,6 +47,17 @@ EPSILON = 1e-7
 LearningRate = float | Schedule | Callable[[jax.Array], jax.Array]
 
 
+def with_options_doc(text: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A decorator that appends ``text`` to a constructor's docstring: the options a family of constructors
+    shares (a Keras dialect's), written once and shown in each one's help and API page."""
+
+    def documented(constructor: Callable[..., Any]) -> Callable[..., Any]:
+        constructor.__doc__ = (constructor.__doc__ or "").rstrip() + "\n" + text
+        return constructor
+
+    return documented
+
+
 class Optimizer(GradientTransformation):
     """A ``GradientTransformation`` made by a Keras-named constructor.
 

@@ -87,7 +87,7 @@ from kopt.averaging import ema_overwrite
 from kopt.base import GradientTransformation, chain
 from kopt.clipping import clip_by_global_norm, clip_by_norm, clip_by_value
 from kopt.file_safety import shorten
-from kopt.optimizers import LearningRate, Optimizer, switched_on
+from kopt.optimizers import LearningRate, Optimizer, switched_on, with_options_doc
 from kopt.transforms import (
     add_decayed_weights,
     ftrl,
@@ -502,7 +502,20 @@ def _keeps_velocity(momentum: Any) -> bool:
 
 # --------------------------------------------------------------------------- the optimizers
 
+_OPTIONS_DOC = """
+    Options of every TensorFlow optimizer (keyword only, ``**options``): ``is_legacy_optimizer=True``
+    (the generation, see :mod:`kopt.tf_keras`), ``name``, ``clipnorm`` (each variable by its own norm),
+    ``global_clipnorm``, ``clipvalue``; legacy only: ``decay=0`` (``lr / (1 + decay * i)``) and ``lr``
+    (the old spelling of ``learning_rate``); TF >= 2.11 only: ``weight_decay=None`` (the variable decayed
+    at the step's rate before the rule reads it), ``exclude_from_weight_decay=None`` with
+    ``variable_names="tf_keras"`` (as Keras' method ``exclude_from_weight_decay(var_names=...)``, never in the
+    config), ``use_ema=False``, ``ema_momentum=0.99``, ``ema_overwrite_frequency=None``,
+    ``jit_compile=True`` (kept, changes nothing); kopt's ``packed=None`` (the state layout)."""
 
+_documented = with_options_doc(_OPTIONS_DOC)
+
+
+@_documented
 def SGD(learning_rate: Any = 0.01, momentum: float = 0.0, nesterov: bool = False, **options: Any) -> Optimizer:
     """TensorFlow's SGD: ``v <- momentum*v - lr_i*g``; ``p <- p + v`` (Nesterov: ``p + momentum*v - lr_i*g``).
 
@@ -524,6 +537,7 @@ def SGD(learning_rate: Any = 0.01, momentum: float = 0.0, nesterov: bool = False
     return _optimizer("SGD", config, options, [], momentum=velocity)
 
 
+@_documented
 def RMSprop(
     learning_rate: Any = 0.001,
     rho: float = 0.9,
@@ -555,6 +569,7 @@ def RMSprop(
     return _optimizer("RMSprop", config, options, [scaling], momentum=trace(momentum) if has_momentum else None)
 
 
+@_documented
 def Adagrad(
     learning_rate: Any = 0.001, initial_accumulator_value: float = 0.1, epsilon: float = 1e-7, **options: Any
 ) -> Optimizer:
@@ -578,6 +593,7 @@ def Adagrad(
     return _optimizer("Adagrad", config, options, [scaling])
 
 
+@_documented
 def Adadelta(learning_rate: Any = 0.001, rho: float = 0.95, epsilon: float = 1e-7, **options: Any) -> Optimizer:
     """TensorFlow's Adadelta: Keras 2.2.4's rule (:func:`kopt.scale_by_adadelta`), default ``learning_rate=0.001``.
 
@@ -592,6 +608,7 @@ def Adadelta(learning_rate: Any = 0.001, rho: float = 0.95, epsilon: float = 1e-
     return _optimizer("Adadelta", config, options, [scale_by_adadelta(rho, epsilon)])
 
 
+@_documented
 def Adam(
     learning_rate: Any = 0.001,
     beta_1: float = 0.9,
@@ -614,6 +631,7 @@ def Adam(
     return _optimizer("Adam", config, options, [scale_by_adam(beta_1, beta_2, epsilon, amsgrad)])
 
 
+@_documented
 def AdamW(
     learning_rate: Any = 0.001,
     weight_decay: float = 0.004,
@@ -638,6 +656,7 @@ def AdamW(
     return _optimizer("AdamW", config, options, [scale_by_adam(beta_1, beta_2, epsilon, amsgrad)])
 
 
+@_documented
 def Adamax(
     learning_rate: Any = 0.001, beta_1: float = 0.9, beta_2: float = 0.999, epsilon: float = 1e-7, **options: Any
 ) -> Optimizer:
@@ -654,6 +673,7 @@ def Adamax(
     return _optimizer("Adamax", config, options, [scale_by_adamax(beta_1, beta_2, epsilon)])
 
 
+@_documented
 def Nadam(
     learning_rate: Any = 0.001, beta_1: float = 0.9, beta_2: float = 0.999, epsilon: float = 1e-7, **options: Any
 ) -> Optimizer:
@@ -698,6 +718,7 @@ def _current_only(class_name: str, options: dict[str, Any]) -> dict[str, Any]:
     return {**options, "is_legacy_optimizer": False}
 
 
+@_documented
 def Lion(learning_rate: Any = 0.0001, beta_1: float = 0.9, beta_2: float = 0.99, **options: Any) -> Optimizer:
     """TensorFlow's Lion (tf_keras >= 2.13, no legacy class): ``p <- p - lr_i * sign(beta_1*m + (1-beta_1)*g)``,
     then ``m <- beta_2*m + (1-beta_2)*g`` (:func:`kopt.scale_by_lion`).
@@ -714,6 +735,7 @@ def Lion(learning_rate: Any = 0.0001, beta_1: float = 0.9, beta_2: float = 0.99,
     return _optimizer("Lion", config, options, [scale_by_lion(beta_1, beta_2)])
 
 
+@_documented
 def Ftrl(
     learning_rate: Any = 0.001,
     learning_rate_power: float = -0.5,
@@ -761,6 +783,7 @@ def Ftrl(
     return _optimizer("Ftrl", config, options, [], step=step, decays_inside=True)
 
 
+@_documented
 def Adafactor(
     learning_rate: Any = 0.001,
     beta_2_decay: float = -0.8,

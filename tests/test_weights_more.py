@@ -206,6 +206,36 @@ def test_mixed_float16_model_files(tf_keras, tmp_path):
         np.testing.assert_array_equal(g, e)
 
 
+@pytest.mark.parametrize(
+    ("make", "suffix"),
+    [
+        (lambda k: k.optimizers.legacy.Ftrl(0.1, l1_regularization_strength=0.01), "h5"),
+        (lambda k: k.optimizers.Ftrl(0.1, l2_shrinkage_regularization_strength=0.01, beta=0.3), "keras"),
+        (lambda k: k.optimizers.Lion(0.01, weight_decay=0.05), "keras"),
+        (lambda k: k.optimizers.Adafactor(0.05), "keras"),
+    ],
+    ids=["legacy Ftrl h5", "Ftrl keras", "Lion keras", "Adafactor keras"],
+)
+def test_tf_keras_files_of_the_new_optimizers_resume(tf_keras, tmp_path, make, suffix):
+    """A tf_keras model trained and saved mid-run with Ftrl, Lion or Adafactor: kopt reads the file's optimizer
+    (config and weights) and goes on as the live optimizer does with the same gradients."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = tf_keras.Sequential([tf_keras.layers.Dense(3, input_shape=(4,)), tf_keras.layers.Dense(2)])
+        model.compile(make(tf_keras), "mse")
+        model.fit(np.ones((8, 4)), np.ones((8, 2)), verbose=0, epochs=3, batch_size=4)
+        model.save(tmp_path / f"m.{suffix}")
+    params = [jnp.asarray(w.numpy()) for w in model.trainable_weights]
+    opt, state = kopt.load_keras_optimizer(tmp_path / f"m.{suffix}", params)
+    assert int(kopt.iterations(state)) == 6
+    grads = data(9, [tuple(w.shape) for w in model.trainable_weights])[1][:3]
+    expected = []
+    for g in grads:
+        model.optimizer.apply_gradients(zip(g, model.trainable_weights, strict=True))
+        expected.append([w.numpy() for w in model.trainable_weights])
+    assert_same(kopt_run(stepper(opt), params, state, grads)[0], expected)
+
+
 # --------------------------------------------------------------------------- Keras 3 Muon
 
 
