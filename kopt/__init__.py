@@ -6,6 +6,8 @@ imported on first use and left out of ``__all__``: Keras is an optional extra,
 and ``from kopt import *`` must not need it.
 """
 
+import typing as _typing
+
 from kopt import keras, tf_keras
 from kopt.averaging import EmaOverwriteState, EmaParamsState, LookaheadState, ema_overwrite, ema_params, lookahead
 from kopt.base import EmptyState, GradientTransformation, apply_updates, chain, identity
@@ -77,14 +79,27 @@ from kopt.wrappers import (
 
 __version__ = "0.1.0"
 
+#: Public names imported on first use (their modules need an optional extra): not in ``__all__``.
+_LAZY = ("to_keras3",)
 
-def __getattr__(name: str):
-    # kopt.to_keras3 imports Keras (an optional extra) only when it is used.
-    if name == "to_keras3":
-        from kopt.keras3 import to_keras3
+if _typing.TYPE_CHECKING:
+    # Type checkers see the lazily imported names with their own types (and no module __getattr__, which
+    # would make them accept any name as kopt's).
+    from kopt.keras3 import to_keras3 as to_keras3
+else:
 
-        return to_keras3
-    raise AttributeError(f"module 'kopt' has no attribute {name!r}")
+    def __getattr__(name: str):
+        # kopt.to_keras3 imports Keras (an optional extra) only when it is used.
+        if name == "to_keras3":
+            from kopt.keras3 import to_keras3
+
+            return to_keras3
+        raise AttributeError(f"module 'kopt' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    # dir(kopt) (and so a notebook's tab completion) lists the lazily imported names too.
+    return sorted({*globals(), *_LAZY})
 
 
 __all__ = [

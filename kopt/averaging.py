@@ -110,7 +110,7 @@ def ema_params(decay: float = 0.999) -> GradientTransformation:
 
 
 class EmaOverwriteState(NamedTuple):
-    count: jax.Array  # steps taken
+    count: jax.Array  # type: ignore[assignment]  # steps taken (shadows tuple.count, as optax's states do)
     average: Params
     hyperparams: dict[str, jax.Array]
 

@@ -74,6 +74,7 @@ import ml_dtypes
 import numpy as np
 
 from kopt import file_safety, packing
+from kopt.tree import TreeDef
 
 FORMAT = "kopt-checkpoint"
 FORMAT_VERSION = 1
@@ -136,7 +137,7 @@ def _digest(records: list[dict[str, Any]], stored: list[np.ndarray]) -> str:
         sha.update(len(meta).to_bytes(8, "little"))
         sha.update(meta)
         sha.update(data.nbytes.to_bytes(8, "little"))
-        sha.update(data)
+        sha.update(data)  # type: ignore[arg-type]  # an ndarray is a buffer; NumPy's stubs lack __buffer__
     return sha.hexdigest()
 
 
@@ -365,10 +366,10 @@ def _parse_header(archive: zipfile.ZipFile, path: str, leaves: int) -> dict[str,
         raise CheckpointCorruptedError(
             f"{path}: checkpoint format_version {version!r}; this kopt reads versions 1..{FORMAT_VERSION}"
         )
-    leaves, digest = header.get("leaves"), header.get("sha256")
-    if not isinstance(leaves, list) or not isinstance(digest, str):
+    records, digest = header.get("leaves"), header.get("sha256")
+    if not isinstance(records, list) or not isinstance(digest, str):
         raise _corrupted(path, "header lacks leaves or sha256")
-    for record in leaves:
+    for record in records:
         ok = (
             isinstance(record, dict)
             and isinstance(record.get("path"), str)
@@ -386,11 +387,11 @@ def _parse_header(archive: zipfile.ZipFile, path: str, leaves: int) -> dict[str,
                 f"leaf {file_safety.shorten(record['path'])} stored as {file_safety.shorten(record['stored_as'])}, "
                 f"expected {dtype.name}",
             )
-    expected = {_HEADER + ".npy"} | {f"leaf_{index}.npy" for index in range(len(leaves))}
+    expected = {_HEADER + ".npy"} | {f"leaf_{index}.npy" for index in range(len(records))}
     if set(archive.namelist()) != expected:
         raise _corrupted(
             path,
-            f"members {file_safety.shorten(sorted(archive.namelist())[:10])} do not match the {len(leaves)} leaves "
+            f"members {file_safety.shorten(sorted(archive.namelist())[:10])} do not match the {len(records)} leaves "
             "of the header",
         )
     return header
@@ -545,6 +546,7 @@ def load_state(path: str | os.PathLike[str], like: Any, *, config: Any = None) -
             like,
             is_leaf=lambda node: isinstance(node, packing.PackedState),
         )
+    treedef: TreeDef
     like_flat, treedef = jax.tree_util.tree_flatten_with_path(like)
     given_config = _normalized_config(config)
     with _checkpoint_archive(path) as archive:
@@ -567,6 +569,7 @@ def load_state(path: str | os.PathLike[str], like: Any, *, config: Any = None) -
             _place(value, leaf)
             for value, leaf in zip(jax.tree.leaves(state), jax.tree.leaves(packed_like), strict=True)
         ]
-        return jax.tree.structure(packed_like).unflatten(placed)
+        packed_treedef: TreeDef = jax.tree.structure(packed_like)
+        return packed_treedef.unflatten(placed)
     placed = [_place(value, leaf) for value, (_, leaf) in zip(values, like_flat, strict=True)]
     return treedef.unflatten(placed)

@@ -23,7 +23,7 @@ import stat
 import struct
 import zipfile
 from collections.abc import Iterator
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import numpy as np
 
@@ -59,7 +59,7 @@ class _ShortRepr(reprlib.Repr):
 
     def repr1(self, x: Any, level: int) -> str:
         if isinstance(x, (str, bytes)) and type(x) not in (str, bytes):  # np.str_ etc.: reprlib would repr it whole
-            x = (str if isinstance(x, str) else bytes)(x[: self.maxstring + 1])
+            x = str(x[: self.maxstring + 1]) if isinstance(x, str) else bytes(x[: self.maxstring + 1])
         if isinstance(x, int) and not isinstance(x, bool) and x.bit_length() > 64:
             return f"<an integer of {x.bit_length()} bits>"  # repr of 4300+ digits raises, and costs quadratic time
         return super().repr1(x, level)
@@ -194,7 +194,8 @@ def read_member(archive: zipfile.ZipFile, name: str, max_bytes: int) -> bytearra
             raise ValueError(f"declares {info.file_size} bytes, past the end of the archive's data")
     buffer = bytearray(info.file_size)  # writable, so arrays viewing it are too
     view, filled = memoryview(buffer), 0
-    with archive.open(info) as member:
+    # (a zipfile.ZipExtFile, which typeshed gives as IO[bytes], without readinto)
+    with cast(io.BufferedIOBase, archive.open(info)) as member:
         while filled < len(buffer):
             # In slices: zipfile's readinto reads into a temporary bytes object of the slice's size first.
             count = member.readinto(view[filled : filled + _CHUNK])
@@ -209,7 +210,7 @@ def read_member(archive: zipfile.ZipFile, name: str, max_bytes: int) -> bytearra
 class _Window(io.RawIOBase):
     """Bytes ``[start, start + size)`` of an open file as a read-only, seekable file of their own."""
 
-    def __init__(self, file: IO[bytes], start: int, size: int):
+    def __init__(self, file: io.BufferedIOBase, start: int, size: int):
         super().__init__()
         self._file, self._start, self._size, self._position = file, start, size, 0
 

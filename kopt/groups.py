@@ -17,6 +17,7 @@ import jax
 
 from kopt.base import GradientTransformation, OptState, Params, Updates, accepted_extra_args, expects
 from kopt.packing import refuse_packed
+from kopt.tree import TreeDef
 
 Labels = Any  # a pytree (or prefix) of labels, or a function params -> such a pytree
 
@@ -31,6 +32,7 @@ def _resolve(labels: Labels, params: Params | None, who: str) -> Any:
 
 def _groups(tree: Any, labels: Any) -> tuple[list[Any], list[Hashable], Any]:
     """``tree`` cut at the structure of ``labels``: (subtrees, their labels, the labels' treedef)."""
+    treedef: TreeDef
     flat_labels, treedef = jax.tree.flatten(labels)
     try:
         subtrees = treedef.flatten_up_to(tree)

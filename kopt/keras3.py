@@ -50,6 +50,7 @@ import numpy as np
 from kopt.base import GradientTransformation, OptState, apply_updates
 from kopt.keras_io.configs import deserialize, serialize
 from kopt.state import get_hyperparams, set_hyperparams
+from kopt.tree import TreeDef
 
 TREES = ("list", "path")
 
@@ -100,7 +101,7 @@ class KoptOptimizer(keras.optimizers.Optimizer):
         # Keras' attribute tracking would rebuild the NamedTuple field by field: keep it out of sight.
         object.__setattr__(self, "transformation", transformation)
         self.tree = tree
-        self._treedef = None
+        self._treedef: TreeDef = None  # set by build
         self._state_variables: list = []
         self._lr_is_keras = lr is not None
 
@@ -140,7 +141,9 @@ class KoptOptimizer(keras.optimizers.Optimizer):
             self._learning_rate.assign(lr)
         # Keras holds the rate in float32: while it still shows kopt's own lr, the step uses that exact value
         # (a float64 model keeps its float64 rate); once Keras' rate is changed, the new one.
-        self._lr_exact = None if lr is None else (np.float32(lr).item(), np.asarray(lr))
+        self._lr_exact: tuple[float, np.ndarray] | None = (
+            None if lr is None else (np.float32(lr).item(), np.asarray(lr))
+        )
         leaves, self._treedef = jax.tree_util.tree_flatten_with_path(state)
         self._state_variables = [
             self.add_variable(
@@ -178,7 +181,7 @@ class KoptOptimizer(keras.optimizers.Optimizer):
 
     def _kopt_lr(self) -> jax.Array:
         """Keras' current learning rate as kopt's ``lr`` (see ``build``)."""
-        shown, exact = self._lr_exact
+        shown, exact = self._lr_exact  # type: ignore[misc]  # not None: called only when _lr_is_keras
         rate = self._get_current_learning_rate()  # a variable, or a Keras schedule's value
         rate = jnp.asarray(getattr(rate, "value", rate))
         return jnp.where(rate == shown, exact, rate.astype(exact.dtype))

@@ -19,7 +19,7 @@ learning rate is the last factor.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeGuard, TypeVar
 
 import jax
 
@@ -84,7 +84,9 @@ class Optimizer(GradientTransformation):
     config: dict[str, Any]
     flavor: str
 
-    def __new__(cls, transform: GradientTransformation, class_name: str, config: dict[str, Any], flavor: str = "keras"):
+    def __new__(
+        cls, transform: GradientTransformation, class_name: str, config: dict[str, Any], flavor: str = "keras"
+    ) -> Optimizer:
         self = super().__new__(cls, transform.init, transform.update)
         self.class_name = class_name
         self.config = config
@@ -149,7 +151,10 @@ def _decayed(lr: LearningRate, decay: float) -> Schedule | Callable:
     return inverse_time_decay(lr, decay)
 
 
-def switched_on(clip: Any) -> bool:
+_Clip = TypeVar("_Clip", float, jax.Array, float | jax.Array)
+
+
+def switched_on(clip: _Clip | None) -> TypeGuard[_Clip]:
     """``None`` or ``0`` mean off, as in Keras; a traced value is on (see ``check_clip_option``)."""
     return clip is not None and (not is_concrete(clip) or bool(clip))
 

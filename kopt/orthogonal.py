@@ -134,7 +134,7 @@ def orthogonalize_by_newton_schulz(
         )
     if not isinstance(coefficients, (tuple, list)) or len(coefficients) != 3:
         raise ValueError(f"coefficients must be three numbers (a, b, c), got {coefficients!r}")
-    values = {
+    values: dict[str, float | jax.Array] = {
         name: as_real(name, value) for name, value in zip(("muon_a", "muon_b", "muon_c"), coefficients, strict=True)
     }
     values["ns_epsilon"] = _non_negative("epsilon", epsilon)

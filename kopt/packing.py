@@ -53,7 +53,7 @@ from kopt.base import (
     compiled_when_eager,
     expects,
 )
-from kopt.tree import check_params, check_updates, complex_for_real
+from kopt.tree import TreeDef, check_params, check_updates, complex_for_real
 
 #: Leaves of at least this many elements keep a buffer of their own: their kernels are long enough that
 #: launching them costs nothing, and packing them would only copy them (XLA:CPU concatenates slowly).
@@ -368,12 +368,14 @@ def leaf_by_leaf(state: OptState) -> OptState:
 
 def packed_like(like: OptState, per_leaf: OptState) -> OptState:
     """``per_leaf`` (structured as ``leaf_by_leaf(like)``) packed as ``like`` is: its layouts and rows."""
+    outer_treedef: TreeDef
     outer, outer_treedef = jax.tree.flatten(like, is_leaf=_is_packed_state)
     parts = outer_treedef.flatten_up_to(per_leaf)
 
     def pack(node: Any, part: Any) -> Any:
         if not _is_packed_state(node):
             return part
+        inner_treedef: TreeDef
         inner, inner_treedef = jax.tree.flatten(node.inner_state, is_leaf=is_packed)
         slots = inner_treedef.flatten_up_to(part)
         packed_slots = [

@@ -217,6 +217,7 @@ def cosine_decay(
 
     def cosine(step, lr, alpha, m_mul):
         i = _float_step(step, lr)
+        length: int | jax.Array
         if not restarts:
             period, position, length = jnp.zeros_like(i), jnp.minimum(i, decay_steps), decay_steps
         elif t_mul == 1.0:

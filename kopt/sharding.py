@@ -25,7 +25,7 @@ Example (8 devices, params replicated, state split 8 ways)::
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding
@@ -109,7 +109,7 @@ def _find_mesh(params: Params) -> Mesh:
     for leaf in jax.tree.leaves(params):
         sharding = getattr(leaf, "sharding", None)
         if isinstance(sharding, NamedSharding):
-            return sharding.mesh
+            return cast(Mesh, sharding.mesh)  # a placed array's (the stubs also allow an AbstractMesh)
     raise ValueError("init_shardings: no param has a NamedSharding; pass mesh=")
 
 

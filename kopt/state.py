@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from kopt.base import OptState, Params
 from kopt.packing import is_packed
-from kopt.tree import hyperparam_dtype
+from kopt.tree import TreeDef, hyperparam_dtype
 from kopt.validation import check_hyperparam, is_concrete
 
 _INNER_FIELDS = ("inner_state", "inner_states")
@@ -42,7 +42,7 @@ _NOT_SLOTS = ("hyperparams", "layout", "rows", *_INNER_FIELDS)  # kopt.packed: s
 READ_ONLY = {"current_lr": "it is the learning rate of the latest step; set lr (the schedule's base value) instead"}
 
 
-def init_hyperparams(values: Mapping[str, float], params: Params) -> dict[str, jax.Array]:
+def init_hyperparams(values: Mapping[str, float | jax.Array], params: Params) -> dict[str, jax.Array]:
     """The ``hyperparams`` entry of a state: each value as a scalar in the params' float dtype."""
     dtype = hyperparam_dtype(params)
     return {name: jnp.asarray(value, dtype) for name, value in values.items()}
@@ -99,11 +99,13 @@ def _rebuild(state: OptState, edit: Callable[[Any], dict[str, Any]]) -> OptState
     def visit(node: Any) -> Any:
         if isinstance(node, tuple) and hasattr(node, "_fields"):
             changes = {f: visit(getattr(node, f)) for f in _INNER_FIELDS if f in node._fields}
-            return node._replace(**changes, **edit(node))
+            # a NamedTuple (it has _fields), which mypy narrows to a plain tuple
+            return node._replace(**changes, **edit(node))  # type: ignore[attr-defined]
         if isinstance(node, (tuple, list)):
             return type(node)(visit(member) for member in node)
         if isinstance(node, Mapping):
-            return type(node)({key: visit(member) for key, member in node.items()})
+            # type(node) is a concrete mapping class (dict, FrozenDict, ...), which mypy sees as abstract Mapping
+            return type(node)({key: visit(member) for key, member in node.items()})  # type: ignore[call-arg]
         return node
 
     return visit(state)
@@ -224,7 +226,8 @@ def set_slot(state: OptState, name: str, value: Any) -> OptState:
             return {}
         old = getattr(node, name)
         leafwise = old.unpack() if is_packed(old) else old
-        if jax.tree.structure(value) != jax.tree.structure(leafwise):
+        given: TreeDef = jax.tree.structure(value)
+        if given != jax.tree.structure(leafwise):
             raise ValueError(
                 f"slot {name!r} has structure {jax.tree.structure(leafwise)}, got {jax.tree.structure(value)}"
             )

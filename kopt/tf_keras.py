@@ -78,7 +78,7 @@ import math
 import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, overload
 
 import jax
 
@@ -322,6 +322,10 @@ def _options(class_name: str, learning_rate: Any, options: dict[str, Any]) -> tu
     return learning_rate, {**defaults, **options, "is_legacy_optimizer": False}
 
 
+@overload
+def learning_rate_schedule(learning_rate: float) -> float: ...
+@overload
+def learning_rate_schedule(learning_rate: Any) -> LearningRate: ...
 def learning_rate_schedule(learning_rate: Any) -> LearningRate:
     """A learning rate as a function of the step count: a Keras schedule config built
     (:func:`schedule_from_config`), a kopt schedule or function as it is."""

@@ -33,7 +33,7 @@ from kopt.groups import Labels, _merge, _resolve, masked
 from kopt.packing import refuse_packed
 from kopt.schedules import Schedule, constant_schedule
 from kopt.state import current_hyperparams, init_hyperparams
-from kopt.tree import abs_sq, hyperparam_dtype, map_arrays, needs_params, zeros_slots
+from kopt.tree import TreeDef, abs_sq, hyperparam_dtype, map_arrays, needs_params, zeros_slots
 from kopt.validation import check_bool, check_hyperparam, check_state_dtype
 
 HyperParams = dict[str, jax.Array]
@@ -61,7 +61,7 @@ def _checked(**values: float) -> dict[str, float]:
 
 
 class ScaleByLearningRateState(NamedTuple):
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as optax's states do
     hyperparams: HyperParams
 
 
@@ -337,7 +337,7 @@ def scale_by_adadelta(rho: float = 0.95, epsilon: float = 1e-7, state_dtype: Any
 
 
 class ScaleByAdamState(NamedTuple):
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as optax's states do
     m: Updates
     v: Updates
     vhat: Updates | None
@@ -402,7 +402,7 @@ def scale_by_adam(
         hp = current_hyperparams(state.hyperparams, values)
         beta_1, beta_2, epsilon = hp["beta_1"], hp["beta_2"], hp["epsilon"]
         t = _step_number(state.count, beta_1.dtype)
-        corrections = (1 - beta_1**t, 1 - beta_2**t)
+        corrections: tuple[jax.Array, ...] = (1 - beta_1**t, 1 - beta_2**t)
         if not corrected_epsilon:  # one scalar, folded into the step size
             corrections = (jnp.sqrt(corrections[1]) / corrections[0],)
         updates, m, v, vhat = map_arrays(
@@ -418,7 +418,7 @@ def scale_by_adam(
 
 
 class ScaleByAdamaxState(NamedTuple):
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as optax's states do
     m: Updates
     u: Updates
     hyperparams: HyperParams
@@ -614,7 +614,7 @@ def _adafactor_array(g, p, r, c, v, lr, t, hp):
 
 
 def scale_by_adafactor(
-    learning_rate: float | Schedule = 0.001,
+    learning_rate: float | Schedule | Callable[[jax.Array], jax.Array] = 0.001,
     beta_2_decay: float = -0.8,
     epsilon_1: float = 1e-30,
     epsilon_2: float = 1e-3,
@@ -672,9 +672,10 @@ def scale_by_adafactor(
         hp = current_hyperparams(state.hyperparams, values)
         lr, t, rate_state = _rate_now(rate, state.inner_state)
         decayed = _decayed(params, hp["weight_decay"], lr)
+        treedef: TreeDef
         leaves, treedef = jax.tree.flatten(updates)
         slots = [treedef.flatten_up_to(tree) for tree in (decayed, state.r, state.c, state.v)]
-        results = [_adafactor_array(g, *others, lr, t, hp) for g, *others in zip(leaves, *slots, strict=True)]
+        results = [_adafactor_array(g, p, r, c, v, lr, t, hp) for g, p, r, c, v in zip(leaves, *slots, strict=True)]
         new_updates = treedef.unflatten([u.astype(g.dtype) for (u, *_), g in zip(results, leaves, strict=True)])
         new_updates = _through_decay(new_updates, decayed, params)
         r, c, v = (treedef.unflatten([result[k] for result in results]) for k in (1, 2, 3))
@@ -702,7 +703,7 @@ def _schedule_free_array(g, p, z, v, lr, t, beta_1, beta_2, epsilon):
 
 
 def schedule_free_adam(
-    learning_rate: float | Schedule = 0.0025,
+    learning_rate: float | Schedule | Callable[[jax.Array], jax.Array] = 0.0025,
     beta_1: float = 0.9,
     beta_2: float = 0.999,
     epsilon: float = 1e-8,
@@ -786,7 +787,7 @@ def _ftrl_array(g, p, accumulator, linear, lr, power, l1, l2, shrinkage, beta):
 
 
 def ftrl(
-    learning_rate: float | Schedule = 0.001,
+    learning_rate: float | Schedule | Callable[[jax.Array], jax.Array] = 0.001,
     learning_rate_power: float = -0.5,
     initial_accumulator_value: float = 0.1,
     l1: float = 0.0,
@@ -859,7 +860,7 @@ def ftrl(
 
 
 class ScaleByNadamState(NamedTuple):
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as optax's states do
     m: Updates
     v: Updates
     m_schedule: jax.Array

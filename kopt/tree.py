@@ -37,8 +37,12 @@ import jax.numpy as jnp
 
 from kopt.base import GradientTransformation, Params, Updates, accepted_extra_args, compiled_when_eager
 
+#: ``jax.tree_util.PyTreeDef`` as the type checker sees it. jaxlib ships no annotations mypy can read for it
+#: (``unflatten``, ``flatten_up_to`` and ``==`` are unknown to it), so a treedef is annotated as this ``Any``.
+TreeDef = Any
+
 _LEAVE_OUT = "leave it out of the optimizer's params (make it None, as eqx.filter(model, eqx.is_inexact_array) does)"
-_PARAM_HINTS = {  # by dtype kind
+_PARAM_HINTS: dict[str | None, str] = {  # by dtype kind
     "b": f"a boolean param cannot take a fractional step: cast it to a float dtype or {_LEAVE_OUT}",
     "i": f"an integer param cannot take a fractional step: cast it to a float dtype or {_LEAVE_OUT}",
     "u": f"an integer param cannot take a fractional step: cast it to a float dtype or {_LEAVE_OUT}",
@@ -218,6 +222,7 @@ def map_arrays(fn: Callable[..., tuple], updates: Updates, *slots: Updates | Non
     from the slots' is a ``ValueError``, a leaf that is not a real number
     array a ``TypeError`` (:func:`check_updates`).
     """
+    treedef: TreeDef
     leaves, treedef = jax.tree.flatten(updates)
     dtypes = check_updates(updates)
     per_slot = []
@@ -225,7 +230,7 @@ def map_arrays(fn: Callable[..., tuple], updates: Updates, *slots: Updates | Non
         if slot is None:
             per_slot.append([None] * len(leaves))
             continue
-        slot_treedef = jax.tree.structure(slot)
+        slot_treedef: TreeDef = jax.tree.structure(slot)
         if slot_treedef != treedef:
             raise _structure_error("updates", updates, slot_treedef)
         per_slot.append(slot_treedef.flatten_up_to(slot))
@@ -243,7 +248,7 @@ def map_arrays(fn: Callable[..., tuple], updates: Updates, *slots: Updates | Non
         for g, dtype, *arrays in zip(leaves, dtypes, *per_slot, strict=True)
     ]
     new_updates = treedef.unflatten([_cast_back(out[0], dtype) for out, dtype in zip(outputs, dtypes, strict=True)])
-    new_slots = []
+    new_slots: list[Any] = []
     for index, (slot, old) in enumerate(zip(slots, per_slot, strict=True), start=1):
         if slot is None:
             new_slots.append(None)

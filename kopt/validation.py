@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, overload
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +32,7 @@ class Range(NamedTuple):
         left, right = "[" if self.low_inclusive else "(", "]" if self.high_inclusive else ")"
         return f"in {left}{self.low:g}, {self.high:g}{right}"
 
-    def __contains__(self, value: float) -> bool:
+    def __contains__(self, value: Any) -> bool:  # a real number; Any as tuple.__contains__ takes any object
         above = self.low <= value if self.low_inclusive else self.low < value
         below = value <= self.high if self.high_inclusive else value < self.high
         return above and below
@@ -91,6 +91,13 @@ def is_concrete(value: Any) -> bool:
     return not isinstance(value, jax.core.Tracer)
 
 
+# The checks below return a Python number for a Python number, and for anything else (a NumPy or JAX
+# scalar) a Python number when it is concrete or the traced array itself inside ``jit``: the overloads
+# say so, so that a constructor's ``float`` argument stays a ``float`` for the type checker.
+@overload
+def as_real(name: str, value: float) -> float: ...
+@overload
+def as_real(name: str, value: Any) -> float | jax.Array: ...
 def as_real(name: str, value: Any) -> float | jax.Array:
     """``value`` as a finite Python float, or a ``ValueError`` naming ``name``.
 
@@ -105,7 +112,9 @@ def as_real(name: str, value: Any) -> float | jax.Array:
         if not math.isfinite(result):
             raise ValueError(f"{name} must be finite, got {result}")
         return result
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.ndarray, jax.Array)):
+    # A flag, so that value is not narrowed to numbers.Real, which NumPy's stubs do not take.
+    real_like = isinstance(value, (numbers.Real, np.ndarray, jax.Array))
+    if isinstance(value, (bool, np.bool_)) or not real_like:
         raise ValueError(f"{name} must be a real number, got {value!r} of type {type(value).__name__}")
     if np.ndim(value) != 0:
         raise ValueError(f"{name} must be a scalar, got an array of shape {np.shape(value)}")
@@ -120,6 +129,10 @@ def as_real(name: str, value: Any) -> float | jax.Array:
     return result
 
 
+@overload
+def check_hyperparam(name: str, value: float) -> float: ...
+@overload
+def check_hyperparam(name: str, value: Any) -> float | jax.Array: ...
 def check_hyperparam(name: str, value: Any) -> float | jax.Array:
     """Checks ``value`` against the range of hyperparameter ``name``; returns it as a Python float.
 
@@ -136,6 +149,10 @@ def check_hyperparam(name: str, value: Any) -> float | jax.Array:
     return result
 
 
+@overload
+def check_count(name: str, value: int, *, minimum: int = 1) -> int: ...
+@overload
+def check_count(name: str, value: Any, *, minimum: int = 1) -> int | jax.Array: ...
 def check_count(name: str, value: Any, *, minimum: int = 1) -> int | jax.Array:
     """An integer number of steps, ``>= minimum``; a traced integer scalar is returned as it is."""
     if isinstance(value, jax.Array) and value.ndim == 0 and jnp.issubdtype(value.dtype, jnp.integer):
@@ -149,6 +166,10 @@ def check_count(name: str, value: Any, *, minimum: int = 1) -> int | jax.Array:
     return int(value)
 
 
+@overload
+def check_state_dtype(value: None) -> None: ...
+@overload
+def check_state_dtype(value: Any) -> np.dtype: ...
 def check_state_dtype(value: Any) -> np.dtype | None:
     """``state_dtype``: ``None`` (each slot follows its param) or a floating dtype."""
     if value is None:
@@ -168,6 +189,12 @@ def check_bool(name: str, value: Any) -> bool:
     return bool(value)
 
 
+@overload
+def check_clip_option(name: str, value: float) -> float: ...
+@overload
+def check_clip_option(name: str, value: None) -> None: ...
+@overload
+def check_clip_option(name: str, value: Any) -> float | jax.Array | None: ...
 def check_clip_option(name: str, value: Any) -> float | jax.Array | None:
     """A Keras ``clipnorm``/``clipvalue`` option: ``None`` or ``0`` mean off, else ``> 0``.
 

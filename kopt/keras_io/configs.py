@@ -18,7 +18,7 @@ from __future__ import annotations
 import inspect
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -338,7 +338,8 @@ def deserialize(config: Mapping[str, Any], *, flavor: str | None = None) -> Opti
             f"flavor must be one of {', '.join(map(repr, (*tf_keras.FLAVORS, KERAS3)))}, got {shorten(flavor)}"
         )
     try:
-        return _build(config, arguments, flavor)
+        # A schedule's config gives its Schedule (see above); typed as the optimizer nearly every caller wants.
+        return _build(config, arguments, flavor)  # type: ignore[return-value]
     except ValueError as error:  # schedules' and TensorFlow's messages may quote the config: never at length
         if len(str(error)) <= MESSAGE_LIMIT:
             raise
@@ -542,7 +543,7 @@ def get(identifier: str | Mapping[str, Any] | GradientTransformation) -> Gradien
         True
     """
     if callable(getattr(identifier, "init", None)) and callable(getattr(identifier, "update", None)):
-        return identifier
+        return cast(GradientTransformation, identifier)  # kopt's or optax's: an (init, update) pair
     if isinstance(identifier, str):
         return deserialize({"class_name": identifier, "config": {}})
     if isinstance(identifier, Mapping):

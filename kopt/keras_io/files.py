@@ -335,7 +335,9 @@ def load_keras_optimizer(
         )
         return opt, opt.init(params)
     try:
-        nadam = {"m_schedule": m_schedule} if opt.class_name == "Nadam" and opt.flavor == "tf_keras" else {}
+        nadam: dict[str, Any] = (
+            {"m_schedule": m_schedule} if opt.class_name == "Nadam" and opt.flavor == "tf_keras" else {}
+        )
         return opt, from_keras_weights(opt, params, weights, **nadam)
     except ValueError as error:
         raise KerasFileError(f"{path}: {error}") from None

@@ -94,7 +94,7 @@ from kopt.base import OptState, Params
 from kopt.optimizers import Optimizer
 from kopt.state import get_hyperparams, get_slot, set_hyperparams, set_slot
 from kopt.state import iterations as step_count
-from kopt.tree import first_complex
+from kopt.tree import TreeDef, first_complex
 
 __all__ = ["from_keras_weights", "to_keras_weights"]
 
@@ -140,7 +140,7 @@ def _keras_layout(class_name: str, config: dict[str, Any]) -> Layout:
     }[class_name]
 
 
-def _rmsprop_parts(config: dict[str, Any]) -> Layout:
+def _rmsprop_parts(config: Mapping[str, Any]) -> Layout:
     # TensorFlow's momentum slot holds the positive step, kopt's velocity the descent direction.
     return (["-velocity"] if config.get("momentum", 0) > 0 else []) + (["mean_grad"] if config.get("centered") else [])
 
@@ -310,6 +310,7 @@ def _every(layout: Layout, n: int) -> list[frozenset[str]]:
 def _held(layout: Layout, params: Params, opt: Optimizer) -> list[frozenset[str]]:
     """The optional slots each leaf of ``params`` has: "name+" for 2 or more dimensions, "name~" where
     ``opt.init(params)`` holds the slot (its shapes only: nothing is allocated)."""
+    treedef: TreeDef
     leaves, treedef = jax.tree.flatten(params)
     held = [
         {name.strip(_MARKS) for name in _names(layout) if name.endswith("+") and np.ndim(leaf) >= 2} for leaf in leaves
@@ -589,7 +590,7 @@ def from_keras_weights(
         if "m_schedule" in held:
             if not (isinstance(m_schedule, str) and m_schedule == "replay"):
                 raise ValueError("these Nadam weights hold m_schedule (TensorFlow's momentum_cache); do not pass it")
-            schedule_value = _as_schedule(held["m_schedule"])
+            schedule_value: np.ndarray | jax.Array = _as_schedule(held["m_schedule"])
         elif isinstance(m_schedule, str):
             if m_schedule not in ("replay", "reset"):
                 raise ValueError(f"m_schedule must be 'replay', 'reset' or a number, got {m_schedule!r}")
@@ -684,8 +685,8 @@ def to_keras_weights(opt: Optimizer, state: OptState, *, flavor: str | None = No
             except ValueError as error:
                 raise ValueError(f"this state was not made by {opt!r}: {error}") from None
             if slot == "vhat" and (value is None) == bool(opt.config.get("amsgrad")):
-                held = "no vhat" if value is None else "a vhat"
-                raise ValueError(f"this state holds {held}, but {opt!r} has amsgrad={opt.config.get('amsgrad')}")
+                holds = "no vhat" if value is None else "a vhat"
+                raise ValueError(f"this state holds {holds}, but {opt!r} has amsgrad={opt.config.get('amsgrad')}")
             values[slot] = [] if value is None else [None if x is None else np.asarray(x) for x in flatten(value)]
             first = values[slot] if first is None and value is not None else first
     leaves = first or []  # none: a layout of scalars only (Keras 3's SGD without momentum)
