@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -54,7 +54,9 @@ def lookahead(
         )
 
     @expects(LookaheadState)
-    def update(updates: Updates, state: LookaheadState, params: Params | None = None, **extra_args):
+    def update(
+        updates: Updates, state: LookaheadState, params: Params | None = None, **extra_args: Any
+    ) -> tuple[Updates, LookaheadState]:
         needs_params(params, "lookahead")
         updates, inner_state = inner.update(updates, state.inner_state, params, **keep(extra_args))
         sync = state.step_in_period + 1 == sync_period
@@ -96,7 +98,9 @@ def ema_params(decay: float = 0.999) -> GradientTransformation:
         return EmaParamsState(_copy_params(params), init_hyperparams(values, params))
 
     @expects(EmaParamsState)
-    def update(updates: Updates, state: EmaParamsState, params: Params | None = None, **extra_args):
+    def update(
+        updates: Updates, state: EmaParamsState, params: Params | None = None, **extra_args: Any
+    ) -> tuple[Updates, EmaParamsState]:
         del extra_args
         needs_params(params, "ema_params")
         hp = current_hyperparams(state.hyperparams, values)
@@ -149,7 +153,9 @@ def ema_overwrite(
         return EmaOverwriteState(jnp.zeros((), jnp.int32), _copy_params(params), init_hyperparams(values, params))
 
     @expects(EmaOverwriteState)
-    def update(updates: Updates, state: EmaOverwriteState, params: Params | None = None, **extra_args):
+    def update(
+        updates: Updates, state: EmaOverwriteState, params: Params | None = None, **extra_args: Any
+    ) -> tuple[Updates, EmaOverwriteState]:
         del extra_args
         needs_params(params, "ema_overwrite")
         hp = current_hyperparams(state.hyperparams, values)

@@ -66,7 +66,9 @@ def identity() -> GradientTransformation:
         del params
         return EmptyState()
 
-    def update(updates, state, params=None, **extra_args):
+    def update(
+        updates: Updates, state: OptState, params: Params | None = None, **extra_args: Any
+    ) -> tuple[Updates, OptState]:
         del params, extra_args
         return updates, state
 
@@ -104,7 +106,9 @@ def expects(state_type: type) -> Callable[[TransformUpdateFn], TransformUpdateFn
 
     def decorate(update: TransformUpdateFn) -> TransformUpdateFn:
         @functools.wraps(update)
-        def checked(updates, state, params=None, **extra_args):
+        def checked(
+            updates: Updates, state: OptState, params: Params | None = None, **extra_args: Any
+        ) -> tuple[Updates, OptState]:
             if not isinstance(state, state_type):
                 raise ValueError(
                     f"this transformation keeps a {state_type.__name__}, but update got a {type(state).__name__}: "
@@ -133,7 +137,9 @@ def compiled_when_eager(update: TransformUpdateFn) -> TransformUpdateFn:
     compiled = jax.jit(update)
 
     @functools.wraps(update)
-    def dispatch(updates, state, params=None, **extra_args):
+    def dispatch(
+        updates: Updates, state: OptState, params: Params | None = None, **extra_args: Any
+    ) -> tuple[Updates, OptState]:
         if _traced((updates, state, params, extra_args)):
             return update(updates, state, params, **extra_args)
         return compiled(updates, state, params, **extra_args)
@@ -166,7 +172,9 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
         return tuple(t.init(params) for t in transforms)
 
     @compiled_when_eager
-    def update(updates, state, params=None, **extra_args):
+    def update(
+        updates: Updates, state: OptState, params: Params | None = None, **extra_args: Any
+    ) -> tuple[Updates, OptState]:
         if not isinstance(state, tuple) or len(state) != len(transforms):
             raise ValueError(
                 f"chain of {len(transforms)} transformations got a state that is not a "
@@ -191,7 +199,7 @@ def apply_updates(params: Params, updates: Updates) -> Params:
     would be dropped).
     """
 
-    def add(p, u):
+    def add(p: Any, u: Any) -> Any:
         if p is None or u is None:
             return p
         if jnp.iscomplexobj(u) and not jnp.iscomplexobj(p):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +34,7 @@ def make_data(key: jax.Array, n: int = 512) -> tuple[jax.Array, jax.Array]:
     return x, y
 
 
-def init_mlp(key: jax.Array, sizes=(2, 32, 32, 1)) -> list[dict[str, jax.Array]]:
+def init_mlp(key: jax.Array, sizes: Sequence[int] = (2, 32, 32, 1)) -> list[dict[str, jax.Array]]:
     keys = jax.random.split(key, len(sizes) - 1)
     return [
         {"w": jax.random.normal(k, (m, n)) * jnp.sqrt(2.0 / m), "b": jnp.zeros(n)}
@@ -49,7 +50,9 @@ def loss_fn(params, x, y):
     return jnp.mean((prediction - y) ** 2)
 
 
-def train(opt: kopt.GradientTransformation, params, x, y, steps: int) -> tuple[float, float]:
+def train(
+    opt: kopt.GradientTransformation, params: list[dict[str, jax.Array]], x: jax.Array, y: jax.Array, steps: int
+) -> tuple[float, float]:
     """Returns (final loss, steps per second after compilation)."""
 
     def step(params, state):

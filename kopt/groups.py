@@ -83,7 +83,9 @@ def masked(inner: GradientTransformation, mask: Labels) -> GradientTransformatio
         return MaskedState(inner.init(_only(params, labels, True)))
 
     @expects(MaskedState)
-    def update(updates: Updates, state: MaskedState, params: Params | None = None, **extra_args):
+    def update(
+        updates: Updates, state: MaskedState, params: Params | None = None, **extra_args: Any
+    ) -> tuple[Updates, MaskedState]:
         refuse_packed("masked", updates)
         labels = _resolve(mask, params, "masked")
         inner_updates, inner_state = inner.update(
@@ -131,7 +133,9 @@ def partition(transforms: Mapping[Hashable, GradientTransformation], labels: Lab
         return PartitionState({label: t.init(_only(params, resolved, label)) for label, t in transforms.items()})
 
     @expects(PartitionState)
-    def update(updates: Updates, state: PartitionState, params: Params | None = None, **extra_args):
+    def update(
+        updates: Updates, state: PartitionState, params: Params | None = None, **extra_args: Any
+    ) -> tuple[Updates, PartitionState]:
         refuse_packed("partition", updates)
         resolved = checked_labels(params)
         new_updates, new_states = {}, {}

@@ -78,7 +78,9 @@ class KoptOptimizer(keras.optimizers.Optimizer):
     kopt reads it (``kopt.get_slot(opt.state, "m")``).
     """
 
-    def __init__(self, transformation: GradientTransformation, tree: str = "list", name: str | None = None, **kwargs):
+    def __init__(
+        self, transformation: GradientTransformation, tree: str = "list", name: str | None = None, **kwargs: Any
+    ):
         if kwargs:
             raise ValueError(
                 f"to_keras3 takes no Keras optimizer options, got {sorted(kwargs)}: put clipping, weight decay "
@@ -202,7 +204,7 @@ class KoptOptimizer(keras.optimizers.Optimizer):
     def update_step(self, gradient, variable, learning_rate):
         raise NotImplementedError("a kopt optimizer updates all variables at once")
 
-    def load_own_variables(self, store) -> None:
+    def load_own_variables(self, store: Any) -> None:
         # Keras only warns when the saved variables do not fit; another transformation must be an error.
         if len(store.keys()) != len(self.variables):
             raise ValueError(

@@ -434,13 +434,17 @@ def packed(inner: GradientTransformation, *, auto: bool = False) -> GradientTran
         return PackedState(layout, inner.init(layout.pack(params, "params")), _rows(layout))
 
     @compiled_when_eager
-    def update(updates: Updates, state: PackedState | OptState, params: Params | None = None, **extra_args):
+    def update(
+        updates: Updates, state: PackedState | OptState, params: Params | None = None, **extra_args: Any
+    ) -> tuple[Updates, OptState]:
         if auto and not isinstance(state, PackedState):
             return inner.update(updates, state, params, **extra_args)
         return packed_update(updates, state, params, **extra_args)
 
     @expects(PackedState)
-    def packed_update(updates: Updates, state: PackedState, params: Params | None = None, **extra_args):
+    def packed_update(
+        updates: Updates, state: PackedState, params: Params | None = None, **extra_args: Any
+    ) -> tuple[Updates, PackedState]:
         layout = state.layout
         flat_params = None if params is None else layout.pack(params, "params")
         new, inner_state = inner.update(layout.pack(updates), state.inner_state, flat_params, **keep(extra_args))

@@ -66,8 +66,13 @@ def reduce_on_plateau(
 
     @expects(ReduceOnPlateauState)
     def update(
-        updates: Updates, state: ReduceOnPlateauState, params: Params | None = None, *, value: Any = None, **extra_args
-    ):
+        updates: Updates,
+        state: ReduceOnPlateauState,
+        params: Params | None = None,
+        *,
+        value: Any = None,
+        **extra_args: Any,
+    ) -> tuple[Updates, ReduceOnPlateauState]:
         del params, extra_args
         if value is None:
             raise ValueError("reduce_on_plateau needs the monitored value: update(updates, state, params, value=loss)")

@@ -75,7 +75,7 @@ def constant_schedule(lr: float) -> Schedule:
         0.5
     """
 
-    def constant(step, lr):
+    def constant(step: jax.Array, lr: jax.Array) -> jax.Array:
         del step
         return lr
 
@@ -99,7 +99,7 @@ def inverse_time_decay(lr: float, decay: float, decay_steps: int = 1, staircase:
     decay_steps = check_count("decay_steps", decay_steps)
     staircase = check_bool("staircase", staircase)
 
-    def inverse_time(step, lr, decay):
+    def inverse_time(step: jax.Array, lr: jax.Array, decay: jax.Array) -> jax.Array:
         progress = _float_step(step, decay) / decay_steps
         progress = jnp.floor(progress) if staircase else progress
         # Keras forms the reciprocal first and then multiplies; float32 bits depend on it.
@@ -122,7 +122,7 @@ def exponential_decay(lr: float, decay_steps: int, decay_rate: float, staircase:
     decay_steps = check_count("decay_steps", decay_steps)
     staircase = check_bool("staircase", staircase)
 
-    def exponential(step, lr, decay_rate):
+    def exponential(step: jax.Array, lr: jax.Array, decay_rate: jax.Array) -> jax.Array:
         exponent = _float_step(step, lr) / decay_steps
         return lr * decay_rate ** (jnp.floor(exponent) if staircase else exponent)
 
@@ -144,7 +144,7 @@ def piecewise_constant(lr: float, boundaries: Sequence[int], scales: Sequence[fl
     if len(boundaries) != len(scales):
         raise ValueError(f"boundaries and scales must have the same length, got {len(boundaries)} and {len(scales)}")
 
-    def piecewise(step, lr):
+    def piecewise(step: jax.Array, lr: jax.Array) -> jax.Array:
         factor = jnp.ones_like(lr)
         for boundary, scale in zip(boundaries, scales, strict=True):
             factor = jnp.where(step >= boundary, factor * scale, factor)
@@ -169,7 +169,7 @@ def polynomial_decay(lr: float, end_lr: float, decay_steps: int, power: float = 
     decay_steps = check_count("decay_steps", decay_steps)
     cycle = check_bool("cycle", cycle)
 
-    def polynomial(step, lr, end_lr, power):
+    def polynomial(step: jax.Array, lr: jax.Array, end_lr: jax.Array, power: jax.Array) -> jax.Array:
         i = _float_step(step, lr)
         if cycle:
             length = decay_steps * jnp.where(i == 0, 1, jnp.ceil(i / decay_steps))
@@ -215,7 +215,7 @@ def cosine_decay(
     if t_mul <= 0:
         raise ValueError(f"t_mul must be > 0, got {t_mul}")
 
-    def cosine(step, lr, alpha, m_mul):
+    def cosine(step: jax.Array, lr: jax.Array, alpha: jax.Array, m_mul: jax.Array) -> jax.Array:
         i = _float_step(step, lr)
         length: int | jax.Array
         if not restarts:
@@ -248,7 +248,7 @@ def linear_warmup(lr: float, warmup_steps: int, init_lr: float = 0.0) -> Schedul
     """
     warmup_steps = check_count("warmup_steps", warmup_steps)
 
-    def warmup(step, lr, init_lr):
+    def warmup(step: jax.Array, lr: jax.Array, init_lr: jax.Array) -> jax.Array:
         fraction = jnp.minimum(_float_step(step, lr), warmup_steps) / warmup_steps
         return init_lr + (lr - init_lr) * fraction
 
@@ -278,7 +278,7 @@ def join_schedules(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> 
     starts = [0, *boundaries]
     names = [{f"{name}_{k}": name for name in s.hyperparams} for k, s in enumerate(schedules)]
 
-    def joined(step, **hyperparams):
+    def joined(step: jax.Array, **hyperparams: jax.Array) -> jax.Array:
         values = [
             s.fn(step - start, **{name: hyperparams[key] for key, name in keys.items()})
             for s, start, keys in zip(schedules, starts, names, strict=True)

@@ -48,7 +48,7 @@ def _increment(count: jax.Array) -> jax.Array:
     return jnp.where(count < jnp.iinfo(jnp.int32).max, count + 1, count)
 
 
-def _step_number(count: jax.Array, dtype) -> jax.Array:
+def _step_number(count: jax.Array, dtype: jax.typing.DTypeLike) -> jax.Array:
     """``t = float(i) + 1`` in the hyperparameters' dtype, as Keras forms it."""
     return count.astype(dtype) + 1
 
@@ -875,7 +875,15 @@ class _NadamScalars(NamedTuple):
     v_correction: jax.Array
 
 
-def _nadam_array(g, m, v, beta_1, beta_2, epsilon, s: _NadamScalars):
+def _nadam_array(
+    g: jax.Array,
+    m: jax.Array,
+    v: jax.Array,
+    beta_1: jax.Array,
+    beta_2: jax.Array,
+    epsilon: jax.Array,
+    s: _NadamScalars,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     g_hat = g / (1 - s.m_schedule_new)
     m = beta_1 * m + (1 - beta_1) * g
     m_hat = m / (1 - s.m_schedule_next)
@@ -1003,7 +1011,7 @@ def _add_decayed_weights(rate: float) -> GradientTransformation:
     return GradientTransformation(init, update)
 
 
-def add_decayed_weights(rate: float, mask=None) -> GradientTransformation:
+def add_decayed_weights(rate: float, mask: Labels | None = None) -> GradientTransformation:
     """Decoupled weight decay: ``g <- g + weight_decay * p``.
 
     Placed before :func:`scale_by_learning_rate`, the step gains

@@ -8,7 +8,7 @@ shapes and dtypes never change.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -48,7 +48,9 @@ def skip_nonfinite(inner: GradientTransformation, max_consecutive: int | None = 
         return SkipNonfiniteState(inner.init(params), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
 
     @expects(SkipNonfiniteState)
-    def update(updates: Updates, state: SkipNonfiniteState, params: Params | None = None, **extra_args):
+    def update(
+        updates: Updates, state: SkipNonfiniteState, params: Params | None = None, **extra_args: Any
+    ) -> tuple[Updates, SkipNonfiniteState]:
         finite = all_finite(updates)
         step = finite if max_consecutive is None else finite | (state.consecutive >= max_consecutive)
         new_updates, new_inner = inner.update(updates, state.inner_state, params, **keep(extra_args))
@@ -130,7 +132,9 @@ def dynamic_loss_scale(
         )
 
     @expects(DynamicLossScaleState)
-    def update(updates: Updates, state: DynamicLossScaleState, params: Params | None = None, **extra_args):
+    def update(
+        updates: Updates, state: DynamicLossScaleState, params: Params | None = None, **extra_args: Any
+    ) -> tuple[Updates, DynamicLossScaleState]:
         scale = state.loss_scale
         if unscale:
             updates = jax.tree.map(lambda g: (g / scale.astype(g.dtype)).astype(g.dtype), updates)
@@ -180,7 +184,9 @@ def accumulate(inner: GradientTransformation, every_k: int) -> GradientTransform
         return AccumulateState(inner.init(params), zeros_slots(params), jnp.zeros((), jnp.int32))
 
     @expects(AccumulateState)
-    def update(updates: Updates, state: AccumulateState, params: Params | None = None, **extra_args):
+    def update(
+        updates: Updates, state: AccumulateState, params: Params | None = None, **extra_args: Any
+    ) -> tuple[Updates, AccumulateState]:
         ready = state.micro_step + 1 == every_k
         _, grad_sum = map_arrays(lambda g, total: (g, total + g), updates, state.grad_sum)
         (mean,) = map_arrays(lambda total: (total / every_k,), grad_sum)

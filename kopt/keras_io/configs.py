@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
 import numpy as np
@@ -175,7 +175,7 @@ def _legacy_config(class_name: str, config: dict[str, Any]) -> dict[str, Any]:
     return {**result, **config}
 
 
-def _allowed(constructor) -> list[str]:
+def _allowed(constructor: Callable[..., Any]) -> list[str]:
     return list(inspect.signature(constructor).parameters)
 
 
