@@ -596,8 +596,8 @@ def _rms(x: jax.Array) -> jax.Array:
 
 
 def _adafactor_array(g, p, r, c, v, lr, t, hp):
-    dtype = v.dtype
-    g, p = g.astype(dtype), p.astype(dtype)
+    # in the moments' precision, complex values staying complex (v is real: it holds |g|^2)
+    g, p = g.astype(jnp.promote_types(v.dtype, g.dtype)), p.astype(jnp.promote_types(v.dtype, p.dtype))
     rho = jnp.minimum(lr, 1 / jnp.sqrt(t))
     alpha = jnp.maximum(hp["epsilon_2"], _rms(p)) * rho
     regulated = abs_sq(g) + hp["epsilon_1"]

@@ -43,6 +43,12 @@ class _KoptAliases:
     amsgrad = staticmethod(lambda learning_rate=None: kopt.Adam(learning_rate=learning_rate, amsgrad=True))
     nadam = staticmethod(lambda learning_rate=None: kopt.Nadam(learning_rate=learning_rate))
     rmsprop = staticmethod(_rmsprop)
+    # Keras 3's (kopt.keras): optax's names for the same optimizers, Keras 3's defaults otherwise
+    adafactor = staticmethod(lambda learning_rate=0.001: kopt.keras.Adafactor(learning_rate))
+    lamb = staticmethod(lambda learning_rate=None: kopt.keras.Lamb(learning_rate))
+    lion = staticmethod(
+        lambda learning_rate=None, weight_decay=None: kopt.keras.Lion(learning_rate, weight_decay=weight_decay)
+    )
     sgd = staticmethod(
         lambda learning_rate=None, momentum=0.0: kopt.SGD(learning_rate=learning_rate, momentum=momentum)
     )
@@ -53,6 +59,12 @@ class _KoptAliases:
 
 #: (test, what its parameters say, why kopt differs): optax's expectations that are optax's choices, not the contract.
 KERAS_DIFFERENCES = [
+    (
+        "test_optimizers_can_be_wrapped_in_inject_hyperparams",
+        "opt_name='adafactor'",
+        "optax's min_dim_size_to_factor knob (given as a static arg): Keras' Adafactor factors every variable of "
+        "2 or more dimensions and has no such argument",
+    ),
     (
         "test_explicit_dtype",
         "",
