@@ -145,8 +145,9 @@ def test_kopt_chain_forwards_the_loss_to_an_optax_transform_that_takes_it(packed
 # --------------------------------------------------------------------------- Flax NNX
 
 
-@pytest.mark.parametrize("packed", [False, True, None])  # None: packs where init finds leaves to pack
-def test_flax_nnx_optimizer_trains_like_kopt_by_hand(packed):
+def train_in_nnx(opt):
+    """The MLP as a Flax NNX module trained by ``nnx.Optimizer(model, opt)`` over :func:`batches`:
+    ``(start params as a pure dict, losses, model, optimizer)``."""
     nnx = pytest.importorskip("flax.nnx")
 
     class MLP(nnx.Module):
@@ -159,7 +160,7 @@ def test_flax_nnx_optimizer_trains_like_kopt_by_hand(packed):
 
     model = MLP(nnx.Rngs(0))
     start = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    optimizer = nnx.Optimizer(model, kopt.Adam(lr=0.01, clipnorm=1.0, packed=packed), wrt=nnx.Param)
+    optimizer = nnx.Optimizer(model, opt, wrt=nnx.Param)
 
     @nnx.jit
     def step(model, optimizer, x, y):
@@ -167,7 +168,13 @@ def test_flax_nnx_optimizer_trains_like_kopt_by_hand(packed):
         optimizer.update(model, grads)
         return loss
 
-    losses = jnp.stack([step(model, optimizer, x, y) for x, y in batches()])
+    return start, jnp.stack([step(model, optimizer, x, y) for x, y in batches()]), model, optimizer
+
+
+@pytest.mark.parametrize("packed", [False, True, None])  # None: packs where init finds leaves to pack
+def test_flax_nnx_optimizer_trains_like_kopt_by_hand(packed):
+    nnx = pytest.importorskip("flax.nnx")
+    start, losses, model, optimizer = train_in_nnx(kopt.Adam(lr=0.01, clipnorm=1.0, packed=packed))
     params, state, hand_losses = by_hand(kopt.Adam(lr=0.01, clipnorm=1.0), start)
     assert losses[-1] < losses[0]
     chex.assert_trees_all_close(losses, hand_losses, **(PACKED_TOLERANCE if packed is not False else TOLERANCE))
@@ -320,26 +327,7 @@ def test_keras3_optimizers_train_in_flax_nnx_and_inside_optax_chains(name):
     inside ``optax.chain``: the same steps (paths: NNX's ``value`` is dropped, so MultiOptimizer's
     ``out/kernel`` is the same leaf in both)."""
     nnx = pytest.importorskip("flax.nnx")
-
-    class MLP(nnx.Module):
-        def __init__(self, rngs):
-            self.hidden = nnx.Linear(4, 16, rngs=rngs)
-            self.out = nnx.Linear(16, 2, rngs=rngs)
-
-        def __call__(self, x):
-            return self.out(jnp.tanh(self.hidden(x)))
-
-    model = MLP(nnx.Rngs(0))
-    start = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    optimizer = nnx.Optimizer(model, KERAS3[name](), wrt=nnx.Param)
-
-    @nnx.jit
-    def step(model, optimizer, x, y):
-        loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
-        optimizer.update(model, grads)
-        return loss
-
-    losses = jnp.stack([step(model, optimizer, x, y) for x, y in batches()])
+    start, losses, model, _ = train_in_nnx(KERAS3[name]())
     params, _, hand_losses = by_hand(optax.chain(KERAS3[name](), optax.scale(1.0)), start)
     moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), params, start)
     assert min(jax.tree.leaves(moved)) > 0, moved  # every leaf stepped (each batch differs: no loss trend)
