@@ -48,7 +48,7 @@ import keras
 import numpy as np
 
 from kopt.base import GradientTransformation, OptState, apply_updates
-from kopt.keras_io.configs import deserialize, serialize
+from kopt.keras_io.configs import optimizer_from_config, serialize
 from kopt.state import get_hyperparams, set_hyperparams
 from kopt.tree import TreeDef
 
@@ -237,7 +237,8 @@ class KoptOptimizer(keras.optimizers.Optimizer):
                 f"optimizer {name!r} runs a transformation kopt cannot write to a config; give it back with "
                 f"keras.models.load_model(path, custom_objects={{{name!r}: transformation}})"
             )
-        return cls(given if given is not None else deserialize(written), **config)
+        transformation = given if given is not None else optimizer_from_config(written, "its transformation")
+        return cls(transformation, **config)
 
 
 def to_keras3(transformation: GradientTransformation, *, tree: str = "list", name: str | None = None) -> KoptOptimizer:

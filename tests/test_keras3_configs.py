@@ -239,6 +239,10 @@ def test_hostile_multi_and_loss_scale_configs_are_refused_by_name():
         ),
         ({**lso, "config": {**lso["config"], "inner_optimizer": "sgd"}}, "needs 'inner_optimizer', a config dict"),
         ({**lso, "config": {**lso["config"], "dynamic": False}}, "cannot honour 'dynamic'"),
+        (
+            {**lso, "config": {**lso["config"], "inner_optimizer": kopt.serialize(kopt.cosine_decay(0.1, 10))}},
+            "inner_optimizer is the config of a learning-rate schedule",
+        ),
     ]
     for config, message in cases:
         with pytest.raises(ValueError, match=message):

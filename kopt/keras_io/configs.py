@@ -346,6 +346,18 @@ def deserialize(config: Mapping[str, Any], *, flavor: str | None = None) -> Opti
         raise ValueError(clip(str(error), MESSAGE_LIMIT)) from None
 
 
+def optimizer_from_config(config: Any, what: str) -> Optimizer:
+    """:func:`deserialize` of ``config``, where only an optimizer will do (``what`` names the place): a
+    schedule's config there is a ``ValueError``, not a schedule."""
+    built: Any = deserialize(config)
+    if not isinstance(built, Optimizer):
+        raise ValueError(
+            f"{what} is the config of a learning-rate schedule ({shorten(config.get('class_name'))}), "
+            "not of an optimizer"
+        )
+    return built
+
+
 def _build(config: Mapping[str, Any], arguments: Any, flavor: str) -> Optimizer | schedules.Schedule:
     """The optimizer (or schedule) of a config :func:`deserialize` has checked."""
     class_name = config["class_name"]
@@ -416,7 +428,7 @@ def _loss_scale_optimizer(class_name: str, arguments: Mapping[str, Any]) -> Opti
         raise ValueError(f"{class_name} config needs 'inner_optimizer', a config dict; got {shorten(inner_config)}")
     if inner_config.get("class_name") in ("MultiOptimizer", *LOSS_SCALE_CLASSES):  # Keras refuses them too
         raise ValueError(f"{class_name}'s inner_optimizer cannot be a {shorten(inner_config.get('class_name'))}")
-    inner = deserialize(inner_config)
+    inner = optimizer_from_config(inner_config, f"{class_name}'s inner_optimizer")
     keras3 = inner.flavor == KERAS3
     family = "Keras 3 (keras >= 3)" if keras3 else "tf_keras"
     allowed = _LOSS_SCALE_KEYS[KERAS3 if keras3 else "tf_keras"]
@@ -521,7 +533,7 @@ def _multi_optimizer(arguments: Mapping[str, Any]) -> Optimizer:
         arguments = dict(config.get("config") or {})
         if "loss_scale_factor" in arguments:  # Keras sets the MultiOptimizer's on every member
             arguments["loss_scale_factor"] = None
-        return deserialize({**config, "config": arguments})
+        return optimizer_from_config({**config, "config": arguments}, "a MultiOptimizer member")
 
     optimizer_map = keras.OptimizerMap(
         member(inner["default_optimizer"]), {pattern: member(config) for pattern, config in patterns.items()}

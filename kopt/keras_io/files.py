@@ -53,7 +53,7 @@ import numpy as np
 
 from kopt import file_safety
 from kopt.base import OptState, Params
-from kopt.keras_io.configs import deserialize
+from kopt.keras_io.configs import optimizer_from_config
 from kopt.keras_io.weights import WeightSpec, from_keras_weights, max_weights_per_leaf, weight_specs
 from kopt.optimizers import Optimizer
 
@@ -229,7 +229,7 @@ def _optimizer(config: Any, path: str) -> Optimizer:
     if not isinstance(config, Mapping) or "class_name" not in config:
         raise KerasFileError(f"{path}: the model was saved without an optimizer (compile the model before saving)")
     try:
-        return deserialize(dict(config))
+        return optimizer_from_config(dict(config), "the saved optimizer config")
     except ValueError as error:  # deserialize quotes the config only shortened
         raise KerasFileError(f"{path}: {file_safety.clip(str(error), file_safety.MESSAGE_LIMIT)}") from None
 
