@@ -8,7 +8,6 @@
 * :mod:`kopt.transforms.rate_holding`: the rules that hold the learning rate and read the params
   (Adafactor, schedule-free AdamW, FTRL).
 
-
 Each transformation is one concept: its update rule for one array is a small
 module-level function (``_adam_array``, ...), lifted to pytrees by
 :func:`kopt.tree.map_arrays`; the scalars shared by all leaves (bias
