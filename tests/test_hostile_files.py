@@ -867,3 +867,71 @@ def test_a_checkpoint_with_a_big_but_valid_config_loads(tmp_path):
     restored = kopt.deserialize(header["config"])
     state = kopt.load_state(path, restored.init(params), config=opt)
     assert float(kopt.get_hyperparams(state)["lr"]) == pytest.approx(0.1)
+
+
+# --------------------------------------------------------------------------- Keras 3 files
+
+KERAS3_MODELS = pathlib.Path(__file__).parent / "fixtures" / "keras3" / "models"
+#: The trainable weights of the Keras 3 fixtures' model, Sequential([Input((3,)), Dense(4), Dense(2)]): only
+#: their shapes matter to what a file is checked against.
+KERAS3_PARAMS = [np.zeros(shape, np.float32) for shape in [(3, 4), (4,), (4, 2), (2,)]]
+
+
+def edited_keras3(source: str, folder: pathlib.Path, edit) -> pathlib.Path:
+    """A copy of the Keras 3 fixture ``source`` whose ``model.weights.h5`` ``edit(file)`` has changed."""
+    members = zip_members(KERAS3_MODELS / source)
+    buffer = io.BytesIO(members["model.weights.h5"])
+    with h5py.File(buffer, "r+") as file:
+        edit(file)
+    members["model.weights.h5"] = buffer.getvalue()
+    path = folder / source
+    write_zip(path, list(members.items()))
+    return path
+
+
+def _replaced(name: str, value: object):
+    def edit(file):
+        del file[name]
+        file[name] = value
+
+    return edit
+
+
+def _soft_link(name: str, target: str):
+    return _replaced(name, h5py.SoftLink(target))
+
+
+def _one_more(file):
+    group = file["optimizer/vars"]
+    group[str(len(group))] = np.zeros((2,), np.float32)
+
+
+@pytest.mark.parametrize(
+    ("source", "edit", "patterns"),
+    [
+        # AdamW with use_ema: iteration, learning_rate, 4 averages, then (m, v) per variable
+        ("AdamW_ema.keras", _replaced("optimizer/vars/1", np.int32(3)), ["learning_rate", "expected a floating"]),
+        ("AdamW_ema.keras", _replaced("optimizer/vars/0", np.float32(3)), ["iterations", "expected an integer"]),
+        ("AdamW_ema.keras", _replaced("optimizer/vars/2", np.zeros((4, 3), np.float32)), ["average", "(3, 4)"]),
+        ("AdamW_ema.keras", _soft_link("optimizer/vars/6", "/optimizer/vars/7"), ["SoftLink"]),
+        ("AdamW_ema.keras", _one_more, ["15 weights"]),
+        # LossScaleOptimizer(Adam): its own iteration, learning_rate, step_counter, dynamic_scale first
+        ("LossScaleOptimizer_Adam.keras", _replaced("optimizer/vars/2", np.float32(1)), ["good_steps", "integer"]),
+        ("LossScaleOptimizer_Adam.keras", _replaced("optimizer/vars/3", np.zeros(2, np.float32)), ["loss_scale"]),
+    ],
+    ids=[
+        "float learning_rate as int",
+        "float iteration",
+        "average of the wrong shape",
+        "soft link",
+        "one var more",
+        "float step_counter",
+        "loss scale not a scalar",
+    ],
+)
+def test_keras3_files_are_checked_before_they_are_read(tmp_path, source, edit, patterns):
+    """A Keras 3 ``.keras`` file (the recorded fixtures, then edited): every optimizer variable's dtype, shape
+    and link is checked against the layout the file's own config implies before any is read."""
+    kopt.load_keras_optimizer(KERAS3_MODELS / source, KERAS3_PARAMS)  # the unedited file loads
+    path = edited_keras3(source, tmp_path, edit)
+    refused(lambda: kopt.load_keras_optimizer(path, KERAS3_PARAMS), kopt.KerasFileError, str(path), *patterns)
