@@ -93,3 +93,24 @@ def _continue(opt: Any, params: Sequence[Any], state: Any, grads: Sequence[Seque
         updates, state = update([jnp.asarray(x) for x in g], state, params)
         params = kopt.apply_updates(params, updates)
         yield state, params
+
+
+def jitted_step(opt: Any) -> Callable:
+    """One jitted kopt step ``(params, state, grads) -> (params, state)``, to share between runs of a case."""
+    return jax.jit(lambda p, s, g: (lambda u, s: (kopt.apply_updates(p, u), s))(*opt.update(g, s, p)))
+
+
+def run_steps(step: Callable, params: Any, state: Any, grads: Sequence[Any]) -> tuple[list, Any, Any]:
+    """``(params after each step, last params, last state)`` of ``step`` (:func:`jitted_step`) over ``grads``."""
+    trajectory = []
+    for g in grads:
+        params, state = step(params, state, jax.tree.map(jnp.asarray, g))
+        trajectory.append(jax.device_get(params))
+    return trajectory, params, state
+
+
+def assert_same_trajectory(got: Sequence[Any], expected: Sequence[Any]) -> None:
+    """Every step's params within the live bound (:data:`LIVE`), naming the step and the leaf that differ."""
+    for t, (a, b) in enumerate(zip(got, expected, strict=True), start=1):
+        for k, (x, y) in enumerate(zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)):
+            np.testing.assert_allclose(x, y, **LIVE, err_msg=f"step {t}, variable {k}")

@@ -7,13 +7,12 @@ config, and kopt must continue exactly as the uninterrupted Keras run does. The 
 Keras must continue as kopt does. Float32, ``2e-6 + 2e-5 |keras|`` at every step.
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import kopt
-from tests.stepping import LIVE
+from tests.stepping import assert_same_trajectory, jitted_step, run_steps
 
 keras = pytest.importorskip("keras", reason="the keras3 extra is not installed")
 if not keras.__version__.startswith("3."):
@@ -68,50 +67,31 @@ class KerasRun:
         return [np.asarray(x) for x in self.trainable]
 
 
-def stepper(opt):
-    """One jitted kopt step for a case, shared by both directions."""
-    return jax.jit(lambda p, s, g: (lambda u, s: (kopt.apply_updates(p, u), s))(*opt.update(g, s, p)))
-
-
-def kopt_run(step, params, state, grads):
-    trajectory = []
-    for g in grads:
-        params, state = step(params, state, [jnp.asarray(x) for x in g])
-        trajectory.append(jax.device_get(params))
-    return trajectory, params, state
-
-
-def assert_same(got, expected):
-    for t, (a, b) in enumerate(zip(got, expected, strict=True), start=1):
-        for k, (x, y) in enumerate(zip(a, b, strict=True)):
-            np.testing.assert_allclose(x, y, **LIVE, err_msg=f"step {t}, variable {k}")
-
-
 @pytest.mark.parametrize("name", list(CASES))
 def test_keras3_variables_both_ways(name):
     start, grads = data(3 if name.startswith("Loss") else 2)
     run = KerasRun(CASES[name](), start)
     opt = kopt.deserialize(keras.optimizers.serialize(run.optimizer))
-    step = stepper(opt)
+    step = jitted_step(opt)
 
     # Keras -> kopt: Keras steps, kopt goes on from its variables as Keras does.
     for g in grads[:BEFORE]:
         middle = run.step(g)
     state = kopt.from_keras_weights(opt, [jnp.asarray(x) for x in middle], [np.asarray(x) for x in run.held])
     expected = [run.step(g) for g in grads[BEFORE:]]
-    assert_same(kopt_run(step, [jnp.asarray(x) for x in middle], state, grads[BEFORE:])[0], expected)
+    assert_same_trajectory(run_steps(step, [jnp.asarray(x) for x in middle], state, grads[BEFORE:])[0], expected)
 
     # kopt -> Keras: kopt steps, a fresh Keras optimizer takes its state and goes on as kopt does.
     params = [jnp.asarray(x) for x in start]
-    _, params, state = kopt_run(step, params, opt.init(params), grads[:BEFORE])
+    _, params, state = run_steps(step, params, opt.init(params), grads[:BEFORE])
     weights = kopt.to_keras_weights(opt, state, flavor="keras3")
     fresh = KerasRun(CASES[name](), [np.asarray(x) for x in params])
     assert [w.shape for w in weights] == [h.shape for h in fresh.held]
     # Keras 3's own loader, the one model.load_weights / load_model run on a file's optimizer/vars group
     fresh.optimizer.load_own_variables({str(i): w for i, w in enumerate(weights)})
     fresh.held = [v.value for v in fresh.optimizer.variables]
-    expected = kopt_run(step, params, state, grads[BEFORE:])[0]
-    assert_same([fresh.step(g) for g in grads[BEFORE:]], expected)
+    expected = run_steps(step, params, state, grads[BEFORE:])[0]
+    assert_same_trajectory([fresh.step(g) for g in grads[BEFORE:]], expected)
 
 
 @pytest.mark.parametrize(
@@ -142,4 +122,4 @@ def test_kopt_resumes_a_keras3_file(tmp_path, make):
     for g in grads[BEFORE + 1 :]:
         model.optimizer.apply(g, variables)
         expected.append([np.asarray(v.value) for v in variables])
-    assert_same(kopt_run(stepper(opt), params, state, grads[BEFORE + 1 :])[0], expected)
+    assert_same_trajectory(run_steps(jitted_step(opt), params, state, grads[BEFORE + 1 :])[0], expected)

@@ -16,7 +16,7 @@ import pytest
 
 import kopt
 from kopt.keras_io.weights import weight_specs
-from tests.stepping import LIVE
+from tests.stepping import assert_same_trajectory, jitted_step, run_steps
 
 SHAPES = [(3, 2), (2,), (2, 2, 3)]  # a kernel, a bias and a 3-D variable (Adafactor factors its last two axes)
 BEFORE, AFTER = 4, 3
@@ -29,24 +29,6 @@ def data(seed, shapes=SHAPES, infs=()):
     for t in infs:  # non-finite steps, for the loss-scale optimizers to skip
         grads[t][0].flat[0] = np.inf
     return start, grads
-
-
-def stepper(opt):
-    return jax.jit(lambda p, s, g: (lambda u, s: (kopt.apply_updates(p, u), s))(*opt.update(g, s, p)))
-
-
-def kopt_run(step, params, state, grads):
-    trajectory = []
-    for g in grads:
-        params, state = step(params, state, jax.tree.map(jnp.asarray, g))
-        trajectory.append(jax.device_get(params))
-    return trajectory, params, state
-
-
-def assert_same(got, expected):
-    for t, (a, b) in enumerate(zip(got, expected, strict=True), start=1):
-        for k, (x, y) in enumerate(zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)):
-            np.testing.assert_allclose(x, y, **LIVE, err_msg=f"step {t}, variable {k}")
 
 
 # --------------------------------------------------------------------------- tf_keras
@@ -87,7 +69,7 @@ def tf_both_ways(tf_keras, make, seed, infs=(), loss_scaled=False):
     start, grads = data(seed, infs=infs)
     run = TfRun(tf_keras, make(), start)
     opt = kopt.deserialize(tf_keras.optimizers.serialize(run.optimizer))
-    step = stepper(opt)
+    step = jitted_step(opt)
 
     for g in grads[:BEFORE]:
         middle = run.step(g)
@@ -96,16 +78,16 @@ def tf_both_ways(tf_keras, make, seed, infs=(), loss_scaled=False):
         extra = {"loss_scale": run.optimizer.loss_scale.numpy(), "good_steps": run.optimizer.dynamic_counter.numpy()}
     params = [jnp.asarray(x) for x in middle]
     state = kopt.from_keras_weights(opt, params, run.weights(), **extra)
-    _, _, last = kopt_run(step, params, state, grads[BEFORE:])
+    _, _, last = run_steps(step, params, state, grads[BEFORE:])
     expected = [run.step(g) for g in grads[BEFORE:]]
-    assert_same(kopt_run(step, params, state, grads[BEFORE:])[0], expected)
+    assert_same_trajectory(run_steps(step, params, state, grads[BEFORE:])[0], expected)
     if loss_scaled:
         assert float(kopt.get_slot(last, "loss_scale")) == run.optimizer.loss_scale.numpy()
         assert int(kopt.get_slot(last, "good_steps")) == run.optimizer.dynamic_counter.numpy()
     assert int(kopt.iterations(last)) == run.optimizer.iterations.numpy()
 
     params = [jnp.asarray(x) for x in start]
-    _, params, state = kopt_run(step, params, opt.init(params), grads[:BEFORE])
+    _, params, state = run_steps(step, params, opt.init(params), grads[:BEFORE])
     weights = kopt.to_keras_weights(opt, state, flavor=opt.flavor)
     fresh = TfRun(tf_keras, make(), [np.asarray(x) for x in params])
     fresh.step([np.zeros(s, np.float32) for s in SHAPES])  # makes the slots (a zero step moves nothing)
@@ -119,8 +101,8 @@ def tf_both_ways(tf_keras, make, seed, infs=(), loss_scaled=False):
         counters.counter.assign(kopt.get_slot(state, "good_steps"))
     for variable, x in zip(fresh.variables, params, strict=True):
         variable.assign(np.asarray(x))
-    expected = kopt_run(step, params, state, grads[BEFORE:])[0]
-    assert_same([fresh.step(g) for g in grads[BEFORE:]], expected)
+    expected = run_steps(step, params, state, grads[BEFORE:])[0]
+    assert_same_trajectory([fresh.step(g) for g in grads[BEFORE:]], expected)
     return opt
 
 
@@ -233,7 +215,7 @@ def test_tf_keras_files_of_the_new_optimizers_resume(tf_keras, tmp_path, make, s
     for g in grads:
         model.optimizer.apply_gradients(zip(g, model.trainable_weights, strict=True))
         expected.append([w.numpy() for w in model.trainable_weights])
-    assert_same(kopt_run(stepper(opt), params, state, grads)[0], expected)
+    assert_same_trajectory(run_steps(jitted_step(opt), params, state, grads)[0], expected)
 
 
 # --------------------------------------------------------------------------- Keras 3 Muon
@@ -284,7 +266,7 @@ def test_keras3_muon_variables_both_ways(keras, name):
     grads = [dict(zip(MUON, g, strict=True)) for g in grads]
     run = Keras3Run(keras, make(), start)
     opt = kopt.deserialize(keras.optimizers.serialize(run.optimizer))
-    step = stepper(opt)
+    step = jitted_step(opt)
 
     for g in grads[:BEFORE]:
         middle = run.step(g)
@@ -293,13 +275,13 @@ def test_keras3_muon_variables_both_ways(keras, name):
     assert [s.shape for s in specs] == [tuple(h.shape) for h in run.held]
     state = kopt.from_keras_weights(opt, params, [np.asarray(x) for x in run.held])
     expected = [run.step(g) for g in grads[BEFORE:]]
-    assert_same(kopt_run(step, params, state, grads[BEFORE:])[0], expected)
+    assert_same_trajectory(run_steps(step, params, state, grads[BEFORE:])[0], expected)
 
     params = jax.tree.map(jnp.asarray, start)
-    _, params, state = kopt_run(step, params, opt.init(params), grads[:BEFORE])
+    _, params, state = run_steps(step, params, opt.init(params), grads[:BEFORE])
     weights = kopt.to_keras_weights(opt, state, flavor="keras3")
     fresh = Keras3Run(keras, make(), {k: np.asarray(v) for k, v in params.items()})
     assert [w.shape for w in weights] == [h.shape for h in fresh.held]
     fresh.held = [jnp.asarray(w, held.dtype) for held, w in zip(fresh.held, weights, strict=True)]
-    expected = kopt_run(step, params, state, grads[BEFORE:])[0]
-    assert_same([fresh.step(g) for g in grads[BEFORE:]], expected)
+    expected = run_steps(step, params, state, grads[BEFORE:])[0]
+    assert_same_trajectory([fresh.step(g) for g in grads[BEFORE:]], expected)
