@@ -405,7 +405,6 @@ def _optimizer(
     momentum: GradientTransformation | None = None,
     step: Callable[..., GradientTransformation] = scale_by_learning_rate,
     per_leaf: bool = False,
-    decays_inside: bool = False,
 ) -> Optimizer:
     """``[clipping], scaling, [weight decay], learning rate, [momentum]`` labelled with its TensorFlow config.
 
@@ -413,8 +412,6 @@ def _optimizer(
     velocity holds lr-scaled steps, as TensorFlow's does. ``step`` makes the
     learning rate's transform from the rate (FTRL takes the rate inside its rule).
     ``per_leaf``: the scaling's math is per variable (Lamb's trust ratio), so leaves stay apart.
-    ``decays_inside``: ``step(rate, weight_decay)`` applies ``weight_decay`` itself, to the variables its rule
-    reads (FTRL, Adafactor, schedule-free AdamW hold the rate, so they decay as TensorFlow does, before reading).
 
     ``weight_decay`` is Keras': ``p <- p - lr_i * weight_decay * p`` before the update step. Where the step
     neither reads the params nor keeps a momentum, :func:`kopt.add_decayed_weights` before the learning rate is
@@ -443,8 +440,6 @@ def _optimizer(
     weight_decay = options.get("weight_decay")
     if weight_decay is None or (is_concrete(weight_decay) and not weight_decay):  # off; a traced one is on
         core = update_step(rate)
-    elif decays_inside and excluded is None:
-        core = [step(rate, weight_decay)]
     elif momentum is None and not per_leaf and step is scale_by_learning_rate:
         core = update_step(rate, [add_decayed_weights(weight_decay, mask=excluded)])
     else:
@@ -772,7 +767,7 @@ def Ftrl(
         "beta": beta,
     }
 
-    def step(rate: LearningRate, weight_decay: float = 0.0) -> GradientTransformation:
+    def step(rate: LearningRate) -> GradientTransformation:
         return ftrl(
             rate,
             learning_rate_power,
@@ -781,10 +776,9 @@ def Ftrl(
             l2_regularization_strength,
             l2_shrinkage_regularization_strength,
             beta,
-            weight_decay=weight_decay,
         )
 
-    return _optimizer("Ftrl", config, options, [], step=step, decays_inside=True)
+    return _optimizer("Ftrl", config, options, [], step=step)
 
 
 @_documented
@@ -820,10 +814,10 @@ def Adafactor(
         "relative_step": check_bool("relative_step", relative_step),
     }
 
-    def step(rate: LearningRate, weight_decay: float = 0.0) -> GradientTransformation:
-        return scale_by_adafactor(rate, beta_2_decay, epsilon_1, epsilon_2, clip_threshold, weight_decay=weight_decay)
+    def step(rate: LearningRate) -> GradientTransformation:
+        return scale_by_adafactor(rate, beta_2_decay, epsilon_1, epsilon_2, clip_threshold)
 
-    return _optimizer("Adafactor", config, options, [], step=step, per_leaf=True, decays_inside=True)
+    return _optimizer("Adafactor", config, options, [], step=step, per_leaf=True)
 
 
 def _lamb(
@@ -854,10 +848,10 @@ def _schedule_free_adamw(
     config = {"learning_rate": learning_rate, "beta_1": beta_1, "beta_2": beta_2, "epsilon": epsilon}
     config["warmup_steps"] = warmup_steps
 
-    def step(rate: LearningRate, weight_decay: float = 0.0) -> GradientTransformation:
-        return schedule_free_adam(rate, beta_1, beta_2, epsilon, warmup_steps, weight_decay=weight_decay)
+    def step(rate: LearningRate) -> GradientTransformation:
+        return schedule_free_adam(rate, beta_1, beta_2, epsilon, warmup_steps)
 
-    return _optimizer("ScheduleFreeAdamW", config, options, [], step=step, decays_inside=True)
+    return _optimizer("ScheduleFreeAdamW", config, options, [], step=step)
 
 
 #: TensorFlow's optimizers by class name.

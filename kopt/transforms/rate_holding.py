@@ -1,7 +1,7 @@
 """The rules that hold the learning rate inside and read the params: Adafactor, schedule-free AdamW, FTRL.
 
-Keras applies their weight decay to the variable before the rule reads it, so each takes ``weight_decay``
-itself, and nothing that rescales the update may follow them in a chain.
+Nothing that rescales the update may follow them in a chain. Keras' weight decay for them (the variable
+decayed at the step's rate before the rule reads it) is :func:`kopt.weight_decay_first` around the rule.
 """
 
 from __future__ import annotations
@@ -19,9 +19,7 @@ from kopt.state import current_hyperparams, init_hyperparams
 from kopt.transforms._common import HyperParams, _checked
 from kopt.transforms.scaling import (
     ScaleByLearningRateState,
-    _decayed,
     _rate_now,
-    _through_decay,
     scale_by_learning_rate,
 )
 from kopt.tree import TreeDef, abs_sq, map_arrays, needs_params, zeros_slots
@@ -67,7 +65,6 @@ def scale_by_adafactor(
     epsilon_2: float = 1e-3,
     clip_threshold: float = 1.0,
     state_dtype: Any = None,
-    weight_decay: float = 0.0,
 ) -> GradientTransformation:
     """Adafactor (Shazeer & Stern 2018) as Keras has it (Keras 3 and tf_keras): a factored second moment,
     a relative step size and update clipping. The learning rate is inside: chain nothing that rescales after.
@@ -79,9 +76,8 @@ def scale_by_adafactor(
     Then ``u = g / sqrt(v)``, clipped to ``u / max(1, rms(u) / clip_threshold)``,
     and the update is ``-max(epsilon_2, rms(p)) * min(lr_i, 1/sqrt(t)) * u``
     (Keras' ``relative_step`` changes nothing beyond that ``min``). Its math is
-    per array: it refuses the packed layout. Needs the params. ``weight_decay``
-    is Keras': ``p <- p - p * weight_decay * lr_i`` before the rule reads ``p``.
-    Defaults ``0.001, -0.8, 1e-30, 1e-3, 1.0, None, 0``.
+    per array: it refuses the packed layout. Needs the params. Defaults
+    ``0.001, -0.8, 1e-30, 1e-3, 1.0, None``.
 
     Example:
         >>> import jax.numpy as jnp, kopt
@@ -96,7 +92,6 @@ def scale_by_adafactor(
         epsilon_1=epsilon_1,
         epsilon_2=epsilon_2,
         clip_threshold=clip_threshold,
-        weight_decay=weight_decay,
     )
     state_dtype = check_state_dtype(state_dtype)
     rate = scale_by_learning_rate(learning_rate)
@@ -118,13 +113,11 @@ def scale_by_adafactor(
         needs_params(params, "scale_by_adafactor")
         hp = current_hyperparams(state.hyperparams, values)
         lr, t, rate_state = _rate_now(rate, state.inner_state)
-        decayed = _decayed(params, hp["weight_decay"], lr)
         treedef: TreeDef
         leaves, treedef = jax.tree.flatten(updates)
-        slots = [treedef.flatten_up_to(tree) for tree in (decayed, state.r, state.c, state.v)]
+        slots = [treedef.flatten_up_to(tree) for tree in (params, state.r, state.c, state.v)]
         results = [_adafactor_array(g, p, r, c, v, lr, t, hp) for g, p, r, c, v in zip(leaves, *slots, strict=True)]
         new_updates = treedef.unflatten([u.astype(g.dtype) for (u, *_), g in zip(results, leaves, strict=True)])
-        new_updates = _through_decay(new_updates, decayed, params)
         r, c, v = (treedef.unflatten([result[k] for result in results]) for k in (1, 2, 3))
         return new_updates, ScaleByAdafactorState(rate_state, r, c, v, hp)
 
@@ -156,7 +149,6 @@ def schedule_free_adam(
     epsilon: float = 1e-8,
     warmup_steps: int = 0,
     state_dtype: Any = None,
-    weight_decay: float = 0.0,
 ) -> GradientTransformation:
     """Schedule-free Adam (Defazio et al. 2024) as Keras 3's ``ScheduleFreeAdamW`` has it; the params are the
     interpolation ``y`` the gradients are taken at, the learning rate is inside.
@@ -172,9 +164,9 @@ def schedule_free_adam(
         y' = (1 - beta_1) * z' + beta_1 * x'                # the new params
 
     The update is ``y' - y``. Evaluate at ``x`` (``(y - (1 - beta_1) * z) / beta_1``)
-    for the schedule-free average. Needs the params. ``weight_decay`` is
-    Keras': ``y <- y - y * weight_decay * lr_i`` (no warm-up) before the rule
-    reads ``y``. Defaults ``0.0025, 0.9, 0.999, 1e-8, 0, None, 0``.
+    for the schedule-free average. Needs the params. Keras' weight decay
+    (``y <- y - y * weight_decay * lr_i``, the rate before its warm-up) is
+    :func:`kopt.weight_decay_first` around it. Defaults ``0.0025, 0.9, 0.999, 1e-8, 0, None``.
 
     Example:
         >>> import jax.numpy as jnp, kopt
@@ -184,7 +176,7 @@ def schedule_free_adam(
         >>> round(float(params[0] + updates[0]), 4)  # at t = 1 the average and y jump to z, which moved by lr
         0.9
     """
-    values = _checked(beta_1=beta_1, beta_2=beta_2, epsilon=epsilon, weight_decay=weight_decay)
+    values = _checked(beta_1=beta_1, beta_2=beta_2, epsilon=epsilon)
     warmup_steps = int(check_hyperparam("warmup_steps", warmup_steps))
     state_dtype = check_state_dtype(state_dtype)
     rate = scale_by_learning_rate(learning_rate)
@@ -204,11 +196,9 @@ def schedule_free_adam(
         lr, t, rate_state = _rate_now(rate, state.inner_state)
         warmed = lr * (jnp.minimum(t / warmup_steps, 1.0) if warmup_steps > 0 else 1.0)
         coefficients = (warmed, t, hp["beta_1"], hp["beta_2"], hp["epsilon"])
-        decayed = _decayed(params, hp["weight_decay"], lr)  # Keras decays with the rate before its warm-up
         updates, _, z, v = map_arrays(
-            lambda g, p, z, v: _schedule_free_array(g, p, z, v, *coefficients), updates, decayed, state.z, state.v
+            lambda g, p, z, v: _schedule_free_array(g, p, z, v, *coefficients), updates, params, state.z, state.v
         )
-        updates = _through_decay(updates, decayed, params)
         return updates, ScheduleFreeAdamState(rate_state, z, v, hp)
 
     return GradientTransformation(init, update)
@@ -242,7 +232,6 @@ def ftrl(
     l2_shrinkage: float = 0.0,
     beta: float = 0.0,
     state_dtype: Any = None,
-    weight_decay: float = 0.0,
 ) -> GradientTransformation:
     """FTRL-Proximal (McMahan et al. 2013) as Keras has it (tf_keras' ``Ftrl``, both generations, and Keras 3's).
 
@@ -256,9 +245,8 @@ def ftrl(
     The update is that new ``p`` minus the old one, so the learning rate is
     inside (a number or a :class:`~kopt.Schedule`, held in the state as
     :func:`scale_by_learning_rate` holds it): chain clipping before it, and
-    nothing that rescales its output after it. Needs the params.
-    ``weight_decay`` is Keras': ``p <- p - p * weight_decay * lr_i`` before the
-    rule reads ``p``. Defaults ``0.001, -0.5, 0.1, 0, 0, 0, 0, None, 0``.
+    nothing that rescales its output after it. Needs the params. Defaults
+    ``0.001, -0.5, 0.1, 0, 0, 0, 0, None``.
 
     Example:
         >>> import jax.numpy as jnp, kopt
@@ -274,7 +262,6 @@ def ftrl(
         l2=l2,
         l2_shrinkage=l2_shrinkage,
         beta=beta,
-        weight_decay=weight_decay,
     )
     initial = check_hyperparam("initial_accumulator_value", initial_accumulator_value)
     state_dtype = check_state_dtype(state_dtype)
@@ -293,11 +280,9 @@ def ftrl(
         hp = current_hyperparams(state.hyperparams, values)
         lr, _, rate_state = _rate_now(rate, state.inner_state)
         coefficients = (lr, hp["learning_rate_power"], hp["l1"], hp["l2"], hp["l2_shrinkage"], hp["beta"])
-        decayed = _decayed(params, hp["weight_decay"], lr)
         updates, _, accumulator, linear = map_arrays(
-            lambda g, p, n, z: _ftrl_array(g, p, n, z, *coefficients), updates, decayed, state.accumulator, state.linear
+            lambda g, p, n, z: _ftrl_array(g, p, n, z, *coefficients), updates, params, state.accumulator, state.linear
         )
-        updates = _through_decay(updates, decayed, params)
         return updates, FtrlState(rate_state, accumulator, linear, hp)
 
     return GradientTransformation(init, update)

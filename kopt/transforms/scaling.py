@@ -1,8 +1,8 @@
 """The step as a whole: the learning rate, the loss-scale factor, weight decay and the trust ratio.
 
-Also the helpers of the rules that hold the learning rate themselves (:mod:`kopt.transforms.rate_holding`):
-the rate of the current step, read from their :func:`scale_by_learning_rate` state, and Keras' weight decay
-applied to the variable before such a rule reads it.
+Also the rate of the current step read from a :func:`scale_by_learning_rate` state, for the rules that
+hold the learning rate themselves (:mod:`kopt.transforms.rate_holding`) and for :func:`weight_decay_first`,
+Keras' weight decay around any rule.
 """
 
 from __future__ import annotations
