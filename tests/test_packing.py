@@ -313,6 +313,54 @@ def _kernels(opt, params) -> int:
     return len(re.findall(r"= f32\[[0-9,]+\]\{[0-9,]*\} (?:fusion|concatenate|copy)\(", entry))
 
 
+def _distinct_kernels(opt, params) -> int:
+    """The kernels XLA:CPU compiles for a donated update + apply: fused computations told apart by their ops
+    and the order of their operands, not by their names (XLA compiles identical ones once)."""
+
+    def step(params, state, grads):
+        updates, state = opt.update(grads, state, params)
+        return kopt.apply_updates(params, updates), state
+
+    grads = jax.tree.map(lambda p: 0.01 * jnp.cos(p), params)
+    hlo = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt.init(params), grads).compile().as_text()
+    kernels = set()
+    for body in re.findall(r"^%fused_computation[.\d]* (\(.*?^\})", hlo, re.S | re.M):
+        body = re.sub(r", metadata=\{[^}]*\}", "", body)
+        kernels.add(re.sub(r"%[\w.]+|param_[\d.]+", "%", body))  # names out; parameter(k) numbers stay
+    return len(kernels)
+
+
+PER_LEAF_SHARING = {
+    "Adam": lambda: kopt.Adam(packed=False),
+    "Adam amsgrad": lambda: kopt.Adam(amsgrad=True, packed=False),
+    "AdamW": lambda: kopt.AdamW(weight_decay=0.01, packed=False),
+    "Adamax": lambda: kopt.Adamax(packed=False),
+    "RMSprop": lambda: kopt.RMSprop(packed=False),
+    "Adagrad": lambda: kopt.Adagrad(packed=False),
+    "SGD nesterov": lambda: kopt.SGD(lr=0.1, momentum=0.9, nesterov=True, packed=False),
+    "tf_keras Adam": lambda: kopt.tf_keras.Adam(packed=False),
+    "keras AdamW": lambda: kopt.keras.AdamW(packed=False),
+    "keras Lion": lambda: kopt.keras.Lion(packed=False),
+}
+
+
+@pytest.mark.parametrize("name", PER_LEAF_SHARING)
+def test_per_leaf_kernels_are_shared_by_leaves_of_one_shape(name):
+    # Per leaf, the kernels of all leaves of one shape should be one compiled kernel: repeating every
+    # shape three times adds no kernel (at most the first leaf of the tree's own, as optax's Adam has).
+    # Hyperparameters are runtime operands; written after the array math they made the first leaf of each
+    # shape a kernel of its own, and kopt compiled slower than optax on many-shape trees.
+    shapes = [(15,), (7, 3), (4, 5, 2), (9,), (2, 11)]
+
+    def tree(copies):
+        leaves = [shape for _ in range(copies) for shape in shapes]
+        return {f"l{i:02d}": jnp.full(shape, 0.1 * (i + 1)) for i, shape in enumerate(leaves)}
+
+    opt = PER_LEAF_SHARING[name]()
+    once, thrice = _distinct_kernels(opt, tree(1)), _distinct_kernels(opt, tree(3))
+    assert thrice - once <= 2, (once, thrice)
+
+
 def test_packing_writes_each_leaf_once():
     # 6 blocks of 5 small leaves: per leaf, Adam writes m, v and the param (3 kernels a leaf); packed
     # writes the param once per leaf plus a handful of kernels per buffer.

@@ -24,7 +24,7 @@ class ScaleByRmsState(NamedTuple):
 
 def _root(x, epsilon, epsilon_in_sqrt):
     """``sqrt(x + epsilon)`` or ``sqrt(x) + epsilon``: where epsilon sits is where the Keras versions differ."""
-    return jnp.sqrt(x + epsilon) if epsilon_in_sqrt else jnp.sqrt(x) + epsilon
+    return jnp.sqrt(epsilon + x) if epsilon_in_sqrt else epsilon + jnp.sqrt(x)
 
 
 def _rms_array(g, accumulator, mean_grad, rho, epsilon, epsilon_in_sqrt):
@@ -216,7 +216,7 @@ def _adam_array(g, m, v, vhat, beta_1, beta_2, epsilon, corrections, corrected_e
         first_correction, second_correction = corrections
         return (m / first_correction) / (jnp.sqrt(second / second_correction) + epsilon), m, v, vhat
     (bias_correction,) = corrections
-    return bias_correction * m / (jnp.sqrt(second) + epsilon), m, v, vhat
+    return bias_correction * (m / (epsilon + jnp.sqrt(second))), m, v, vhat
 
 
 def scale_by_adam(
@@ -289,7 +289,7 @@ class ScaleByAdamaxState(NamedTuple):
 def _adamax_array(g, m, u, beta_1, beta_2, epsilon, bias_correction):
     m = beta_1 * m + (1 - beta_1) * g
     u = jnp.maximum(beta_2 * u, jnp.abs(g))
-    return bias_correction * m / (u + epsilon), m, u
+    return bias_correction * (m / (epsilon + u)), m, u
 
 
 def scale_by_adamax(

@@ -149,7 +149,7 @@ def _add_decayed_weights(rate: float) -> GradientTransformation:
         needs_params(params, "add_decayed_weights")
         hp = current_hyperparams(state.hyperparams, values)
         weight_decay = hp["weight_decay"]
-        updates, _ = map_arrays(lambda g, p: (g + weight_decay * p, p), updates, params)
+        updates, _ = map_arrays(lambda g, p: (weight_decay * p + g, p), updates, params)
         return updates, AddDecayedWeightsState(hp)
 
     return GradientTransformation(init, update)
