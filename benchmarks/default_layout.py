@@ -63,9 +63,9 @@ CONTESTANTS = ("auto", "per leaf", "optax")
 
 def mixed_dtypes(quick: bool) -> dict:
     """run.py's many small leaves in bfloat16 beside the same number in float32 (two dtypes, two buffer sets)."""
-    leaves = run.small_leaves(250 if quick else 1000)
+    leaves = zoo.small_leaves(250 if quick else 1000)
     bf16 = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.bfloat16), leaves)
-    return {"bf16": bf16, "f32": run.small_leaves(250 if quick else 1000)}
+    return {"bf16": bf16, "f32": zoo.small_leaves(250 if quick else 1000)}
 
 
 def trees(quick: bool, devices: int) -> list[tuple[str, dict, bool]]:

@@ -196,23 +196,9 @@ def gpt2(n_layer: int, d: int, vocab: int, ctx: int = 1024) -> dict:
     return {"wte": f32(vocab, d), "wpe": f32(ctx, d), "h": [block() for _ in range(n_layer)], "ln_f": norm()}
 
 
-def small_leaves(n: int) -> dict:
-    """``n`` small leaves in blocks of the same 40 distinct shapes (biases, dense, conv, embeddings;
-    ~985 floats a leaf on average), as a model made of repeated blocks has."""
-
-    def shape(i):
-        j = i // 4
-        return [(128 * (j + 1),), (8 * (j + 2), 32), (3, 3, j + 4, 16), (j + 1, 64)][i % 4]
-
-    tree: dict = {}
-    for k in range(n):
-        tree.setdefault(f"block{k // 40:02d}", {})[f"p{k % 40:02d}"] = f32(*shape(k % 40))
-    return tree
-
-
 def shapes(quick: bool) -> list[tuple[str, dict]]:
     big = gpt2(12, 384, 16384) if quick else gpt2(12, 768, 50257)
-    leaves = small_leaves(500 if quick else 2000)
+    leaves = zoo.small_leaves(500 if quick else 2000)
     width = 0.25 if quick else 1.0  # the model zoo's channel counts
     trees = [
         {"w": f32(1 << 24)},

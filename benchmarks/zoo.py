@@ -119,6 +119,20 @@ def moe(width: float = 1.0, layers: int = 8, experts: int = 8) -> dict:
     }
 
 
+def small_leaves(n: int) -> dict:
+    """``n`` small leaves in blocks of the same 40 distinct shapes (biases, dense, conv, embeddings;
+    ~985 floats a leaf on average), as a model made of repeated blocks has."""
+
+    def shape(i):
+        j = i // 4
+        return [(128 * (j + 1),), (8 * (j + 2), 32), (3, 3, j + 4, 16), (j + 1, 64)][i % 4]
+
+    tree: dict = {}
+    for k in range(n):
+        tree.setdefault(f"block{k // 40:02d}", {})[f"p{k % 40:02d}"] = f32(*shape(k % 40))
+    return tree
+
+
 def random_order(n: int = 1000, kinds: int = 40, seed: int = 0) -> dict:
     """``n`` small 2-D leaves of ``kinds`` shapes in random order: no repeated block to exploit."""
     rng = random.Random(seed)
@@ -127,5 +141,5 @@ def random_order(n: int = 1000, kinds: int = 40, seed: int = 0) -> dict:
 
 
 def distinct(n: int = 2000) -> dict:
-    """``n`` leaves of ``n`` different shapes (1 to ~2000 floats)."""
+    """``n`` 1-D leaves of 1 to ~2000 floats, sizes seldom repeated (83 sizes in 500 leaves, 297 in 2000)."""
     return {f"p{k:04d}": f32(k + 1 + (k % 7) * 13) for k in range(n)}
