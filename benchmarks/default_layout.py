@@ -187,7 +187,8 @@ def main(argv: list[str] | None = None) -> None:
     text = "\n".join([*header, *table(results), ""])
     print(text)
     revision = run.kopt_revision().split()[1] if run.kopt_revision().startswith("commit") else "unknown"
-    out = run.RESULTS / f"{datetime.date.today().isoformat()}_{revision}_default_layout.md"
+    only = "_" + "-".join(wanted) if wanted else ""  # a run of some trees does not overwrite the whole table
+    out = run.RESULTS / f"{datetime.date.today().isoformat()}_{revision}_default_layout{only}.md"
     out.write_text(text)
     print(f"written: {out}")
 
