@@ -190,16 +190,21 @@ def test_layout_caps_leaves_per_buffer_and_keeps_big_leaves_alone():
     assert kopt.Adam(packed=True).init(big).layout.buffers == ("leaf0", "buffer0_0")
 
 
+def _follows_per_leaf(packed, plain, params, grads, steps: int):
+    """Runs both ``steps`` times: the packed updates match the per-leaf ones and their dtypes; the packed state."""
+    pk, ps = packed.init(params), plain.init(params)
+    for _ in range(steps):
+        u_packed, pk = packed.update(grads, pk, params)
+        u_plain, ps = plain.update(grads, ps, params)
+        chex.assert_trees_all_close(u_packed, u_plain, rtol=5e-7, atol=1e-8)
+        chex.assert_trees_all_equal_dtypes(u_packed, u_plain)
+    return pk
+
+
 def test_mixed_dtypes_get_separate_buffers_and_the_per_leaf_dtypes():
     params = {"a": jnp.ones(3, jnp.bfloat16), "b": jnp.ones(2, jnp.float32), "c": jnp.ones(2, jnp.bfloat16)}
     grads = jax.tree.map(lambda p: (p * 0.3).astype(p.dtype), params)
-    plain, packed = kopt.Adam(lr=0.1, packed=False), kopt.Adam(lr=0.1, packed=True)
-    ps, pk = plain.init(params), packed.init(params)
-    for _ in range(3):
-        u_plain, ps = plain.update(grads, ps, params)
-        u_packed, pk = packed.update(grads, pk, params)
-        chex.assert_trees_all_close(u_packed, u_plain, rtol=5e-7, atol=1e-8)
-        chex.assert_trees_all_equal_dtypes(u_packed, u_plain)
+    pk = _follows_per_leaf(kopt.Adam(lr=0.1, packed=True), kopt.Adam(lr=0.1, packed=False), params, grads, 3)
     assert {b.dtype for b in pk.inner_state[0].m.buffers.values()} == {jnp.dtype(jnp.float32)}
     # one buffer per dtype, in order of appearance: a and c (bfloat16) share buffer0, b (float32) is buffer1
     assert pk.layout.buffers == ("buffer0_0", "buffer1_0", "buffer0_0")
@@ -231,13 +236,7 @@ def test_bfloat16_leaves_pack_at_one_gradient_buffer_and_per_leaf_numbers():
     extra = _step_bytes(kopt.Adam(), params, grads) - _step_bytes(kopt.Adam(packed=False), params, grads)
     assert extra <= 1.02 * gradient_bytes, extra / gradient_bytes
     # AdamW packs the params too: same numbers and dtypes as per leaf.
-    packed, plain = kopt.AdamW(weight_decay=0.1), kopt.AdamW(weight_decay=0.1, packed=False)
-    pk, ps = packed.init(params), plain.init(params)
-    for _ in range(2):
-        u_packed, pk = packed.update(grads, pk, params)
-        u_plain, ps = plain.update(grads, ps, params)
-        chex.assert_trees_all_close(u_packed, u_plain, rtol=5e-7, atol=1e-8)
-        chex.assert_trees_all_equal_dtypes(u_packed, u_plain)
+    _follows_per_leaf(kopt.AdamW(weight_decay=0.1), kopt.AdamW(weight_decay=0.1, packed=False), params, grads, 2)
 
 
 def test_get_and_set_slot_work_leaf_by_leaf():
