@@ -206,9 +206,10 @@ class ScaleByAdamState(NamedTuple):
     hyperparams: HyperParams
 
 
-def _adam_array(g, m, v, vhat, beta_1, beta_2, epsilon, corrections, corrected_epsilon):
-    m = beta_1 * m + (1 - beta_1) * g
-    v = beta_2 * v + (1 - beta_2) * abs_sq(g)
+def _adam_array(g, m, v, vhat, betas, epsilon, corrections, corrected_epsilon):
+    beta_1, one_minus_beta_1, beta_2, one_minus_beta_2 = betas
+    m = beta_1 * m + one_minus_beta_1 * g
+    v = beta_2 * v + one_minus_beta_2 * abs_sq(g)
     if vhat is not None:
         vhat = jnp.maximum(vhat, v)
     second = v if vhat is None else vhat
@@ -267,8 +268,10 @@ def scale_by_adam(
         corrections: tuple[jax.Array, ...] = (1 - beta_1**t, 1 - beta_2**t)
         if not corrected_epsilon:  # one scalar, folded into the step size
             corrections = (jnp.sqrt(corrections[1]) / corrections[0],)
+        # 1 - beta formed once a step, not once a leaf: a smaller program for XLA's passes (same numbers)
+        betas = (beta_1, 1 - beta_1, beta_2, 1 - beta_2)
         updates, m, v, vhat = map_arrays(
-            lambda g, m, v, vhat: _adam_array(g, m, v, vhat, beta_1, beta_2, epsilon, corrections, corrected_epsilon),
+            lambda g, m, v, vhat: _adam_array(g, m, v, vhat, betas, epsilon, corrections, corrected_epsilon),
             updates,
             state.m,
             state.v,

@@ -66,7 +66,8 @@ def scale_by_learning_rate(lr: float | Schedule | Callable[[jax.Array], jax.Arra
         del params, extra_args
         hyperparams = current_hyperparams(state.hyperparams, schedule.hyperparams)
         lr = learning_rate(state.count, hyperparams)
-        (updates,) = map_arrays(lambda g: (-lr * g,), updates)
+        step = -lr  # once a step, not once a leaf
+        (updates,) = map_arrays(lambda g: (step * g,), updates)
         return updates, ScaleByLearningRateState(_increment(state.count), {**hyperparams, "current_lr": lr})
 
     return GradientTransformation(init, update)
