@@ -23,6 +23,7 @@ from absl.testing import parameterized
 
 import kopt
 from benchmarks import zoo
+from tests import reference
 from tests.matching import CASES, SLOTS, X64
 
 STEPS = 5
@@ -211,14 +212,19 @@ def test_mixed_dtypes_get_separate_buffers_and_the_per_leaf_dtypes():
     assert pk.layout.dtypes == ("bfloat16", "float32", "bfloat16")
 
 
-def _step_bytes(opt, params, grads) -> int:
-    """The compiled memory of a donated update + apply: arguments, outputs not aliased to them, temporaries."""
+def _compiled_step(opt, params, grads):
+    """The compiled, donated ``update`` + ``apply_updates`` of ``opt`` on ``params`` and ``grads``."""
 
     def step(params, state, grads):
         updates, state = opt.update(grads, state, params)
         return kopt.apply_updates(params, updates), state
 
-    m = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt.init(params), grads).compile().memory_analysis()
+    return jax.jit(step, donate_argnums=(0, 1)).lower(params, opt.init(params), grads).compile()
+
+
+def _step_bytes(opt, params, grads) -> int:
+    """The compiled memory of a donated update + apply: arguments, outputs not aliased to them, temporaries."""
+    m = _compiled_step(opt, params, grads).memory_analysis()
     return m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
 
 
@@ -235,8 +241,18 @@ def test_bfloat16_leaves_pack_at_one_gradient_buffer_and_per_leaf_numbers():
     gradient_bytes = sum(g.size * g.dtype.itemsize for g in jax.tree.leaves(grads))
     extra = _step_bytes(kopt.Adam(), params, grads) - _step_bytes(kopt.Adam(packed=False), params, grads)
     assert extra <= 1.02 * gradient_bytes, extra / gradient_bytes
-    # AdamW packs the params too: same numbers and dtypes as per leaf.
-    _follows_per_leaf(kopt.AdamW(weight_decay=0.1), kopt.AdamW(weight_decay=0.1, packed=False), params, grads, 2)
+    # AdamW packs the params too: same numbers and dtypes as per leaf, and the NumPy rule's (tests/reference.py,
+    # in float32 from the same values; a bfloat16 param then rounds to within half its ulp, 2**-9 relative).
+    opt = kopt.AdamW(lr=0.1, weight_decay=0.1)
+    _follows_per_leaf(opt, kopt.AdamW(lr=0.1, weight_decay=0.1, packed=False), params, grads, 2)
+    updates, _ = opt.update(grads, opt.init(params), params)
+    ref = reference.make("AdamW", lr=0.1, weight_decay=0.1)
+    as_f32 = [np.asarray(leaf, np.float32) for leaf in jax.tree.leaves(params)]
+    expected = ref.step(as_f32, [np.asarray(g, np.float32) for g in jax.tree.leaves(grads)])
+    got = jax.tree.leaves(kopt.apply_updates(params, updates))
+    for leaf, want in zip(got, expected, strict=True):
+        bf16 = leaf.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(leaf, np.float32), want, rtol=2**-8 if bf16 else 1e-6, atol=1e-7)
 
 
 def test_get_and_set_slot_work_leaf_by_leaf():
@@ -336,12 +352,7 @@ def test_bad_inputs_name_what_is_wrong():
 
 def _kernels(opt, params) -> int:
     """Array-valued ops of the optimized entry computation of a donated update + apply."""
-
-    def step(params, state, grads):
-        updates, state = opt.update(grads, state, params)
-        return kopt.apply_updates(params, updates), state
-
-    hlo = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt.init(params), params).compile().as_text()
+    hlo = _compiled_step(opt, params, params).as_text()
     entry = hlo[hlo.index("ENTRY") :]
     return len(re.findall(r"= f32\[[0-9,]+\]\{[0-9,]*\} (?:fusion|concatenate|copy)\(", entry))
 
@@ -349,13 +360,7 @@ def _kernels(opt, params) -> int:
 def _distinct_kernels(opt, params) -> int:
     """The kernels XLA:CPU compiles for a donated update + apply: fused computations told apart by their ops
     and the order of their operands, not by their names (XLA compiles identical ones once)."""
-
-    def step(params, state, grads):
-        updates, state = opt.update(grads, state, params)
-        return kopt.apply_updates(params, updates), state
-
-    grads = jax.tree.map(lambda p: 0.01 * jnp.cos(p), params)
-    hlo = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt.init(params), grads).compile().as_text()
+    hlo = _compiled_step(opt, params, jax.tree.map(lambda p: 0.01 * jnp.cos(p), params)).as_text()
     kernels = set()
     for body in re.findall(r"^%fused_computation[.\d]* (\(.*?^\})", hlo, re.S | re.M):
         body = re.sub(r", metadata=\{[^}]*\}", "", body)
